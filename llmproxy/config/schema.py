@@ -1,0 +1,158 @@
+"""The configuration schema: frozen, slotted dataclasses.
+
+Everything here is built once, by :mod:`llmproxy.config.loader`, from a YAML
+file that has already been validated; the rest of the gateway only reads it.
+Durations are seconds (``*_s``), sizes are bytes, weights are relative and > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BALANCERS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "power_of_two",
+    "random",
+    "consistent_hash",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest request body accepted, in bytes; larger bodies get a 413.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: How long a graceful shutdown waits for in-flight requests.
+    drain_timeout_s: float = 30.0
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    #: Bearer token for ``/admin/...``; ``None`` leaves it open (loopback only).
+    token: str | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str
+    weight: float = 1.0
+    #: Stable name used in metrics, headers and the admin API; ``host:port``
+    #: of the URL unless set.
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = "/health"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    reset_timeout_s: float = 10.0
+    half_open_max_calls: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    #: Total attempts per request, the first included (1 = no retry).
+    attempts: int = 3
+    #: Retries may be at most this share of recent requests (plus ``min_retries``).
+    budget_ratio: float = 0.2
+    min_retries: int = 3
+    #: Retry a 429 from a backend on another backend.
+    retry_on_429: bool = False
+    backoff_base_s: float = 0.01
+    backoff_max_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect_s: float = 2.0
+    #: From sending the request to the first byte of the response body.
+    first_byte_s: float = 60.0
+    #: Longest silence between two chunks of a response body.
+    idle_s: float = 30.0
+    #: Whole request, stream included.
+    total_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    balancer: str = "least_connections"
+    #: For ``consistent_hash``: where the key comes from, as ``header:NAME``,
+    #: ``api_key``, ``ip`` or ``model``.
+    hash_key: str = "header:x-user-id"
+    health: HealthConfig = field(default_factory=HealthConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """All given conditions must hold; an empty match matches everything."""
+
+    #: Exact model name, a glob such as ``llama-*``, or ``*``.
+    model: str | None = None
+    path_prefix: str | None = None
+    #: ``(header name lower-cased, exact value)``.
+    header: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTarget:
+    pool: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    match: RouteMatch
+    split: tuple[SplitTarget, ...]
+    #: ``header:NAME``, ``api_key``, ``ip`` or ``none``.
+    sticky: str = "none"
+    #: Pools tried, in order, when the split's pool cannot serve the request.
+    fallback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    #: ``api_key``, ``ip``, ``route``, ``global`` or ``header:NAME``.
+    key: str
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    store: str = "memory"
+    on_store_error: str = "allow"
+    rules: tuple[RateLimitRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    pools: dict[str, PoolConfig]
+    routes: tuple[RouteConfig, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    #: The file this was loaded from, for reloads; ``None`` when built in code.
+    source: str | None = None
