@@ -1,0 +1,184 @@
+"""What a valid configuration turns into: defaults, normal forms, merged sections."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from llmproxy.config import Config, parse_config, schema
+
+POOLS = """
+pools:
+  stable:
+    backends: [http://127.0.0.1:9001, http://127.0.0.1:9002]
+  canary:
+    backends: [{url: "http://127.0.0.1:9003", weight: 2, name: c0}]
+"""
+ROUTES = """
+routes:
+  - name: chat
+    match: {model: llama-*}
+    split: [{pool: stable, weight: 90}, {pool: canary, weight: 10}]
+    sticky: header:x-user-id
+  - {name: rest, pool: stable}
+"""
+
+
+def build(*sections: str, pools: str = POOLS, routes: str = ROUTES) -> Config:
+    text = "\n".join(textwrap.dedent(s) for s in (pools, routes, *sections))
+    return parse_config(yaml.safe_load(text), {})
+
+
+def test_minimal_configuration() -> None:
+    config = build()
+    assert list(config.pools) == ["stable", "canary"]
+    assert config.pools["stable"].name == "stable"
+    assert config.pools["canary"].backends == (
+        schema.BackendConfig(url="http://127.0.0.1:9003", weight=2.0, name="c0"),
+    )
+    chat, rest = config.routes
+    assert chat == schema.RouteConfig(
+        name="chat",
+        match=schema.RouteMatch(model="llama-*"),
+        split=(schema.SplitTarget("stable", 90.0), schema.SplitTarget("canary", 10.0)),
+        sticky="header:x-user-id",
+    )
+    assert rest.split == (schema.SplitTarget("stable", 1.0),)
+    assert (rest.match, rest.sticky, rest.fallback) == (schema.RouteMatch(), "none", ())
+
+
+def test_optional_sections_default_from_the_dataclasses() -> None:
+    config = build()
+    assert config.server == schema.ServerConfig()
+    assert config.admin == schema.AdminConfig()
+    assert config.rate_limits == schema.RateLimitsConfig()
+    stable = config.pools["stable"]
+    assert (stable.balancer, stable.hash_key) == ("least_connections", "header:x-user-id")
+    assert stable.health == schema.HealthConfig()
+    assert stable.breaker == schema.BreakerConfig()
+    assert stable.retry == schema.RetryConfig()
+    assert stable.timeouts == schema.TimeoutsConfig()
+    assert config.source is None
+
+
+def test_source_is_recorded() -> None:
+    data = yaml.safe_load(POOLS + ROUTES)
+    assert parse_config(data, {}, source="x.yaml").source == "x.yaml"
+
+
+def test_null_sections_mean_defaults() -> None:
+    pools = POOLS.replace(
+        "[http://127.0.0.1:9001, http://127.0.0.1:9002]", "[http://a:1]\n    health:"
+    )
+    config = build("server:\nrate_limits:\n", pools=pools)
+    assert config.server == schema.ServerConfig()
+    assert config.rate_limits == schema.RateLimitsConfig()
+    assert config.pools["stable"].health == schema.HealthConfig()
+
+
+def test_port_zero_means_any_free_port() -> None:
+    assert build("server: {port: 0}").server.port == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"), [('""', None), ('"  "', None), ("s3cret", "s3cret")]
+)
+def test_admin_token(token: str, expected: str | None) -> None:
+    assert build(f"admin: {{token: {token}}}").admin.token == expected
+
+
+def test_int_accepted_for_float_and_stored_as_float() -> None:
+    pools = POOLS + "    timeouts: {idle_s: 5}\n"
+    idle = build(pools=pools).pools["canary"].timeouts.idle_s
+    assert (idle, type(idle)) == (5.0, float)
+
+
+@pytest.mark.parametrize("ratio", [0, 1])
+def test_budget_ratio_bounds_are_inclusive(ratio: int) -> None:
+    pools = POOLS + f"    retry: {{budget_ratio: {ratio}}}\n"
+    assert build(pools=pools).pools["canary"].retry.budget_ratio == ratio
+
+
+def test_backend_forms_and_normalisation() -> None:
+    pools = """
+    pools:
+      stable:
+        backends:
+          - HTTP://Example.COM
+          - https://example.com/
+          - {url: "http://[::1]:9000", weight: 3}
+          - {url: " http://10.0.0.1:8000 ", name: gpu-1}
+      canary:
+        backends: [http://c:1]
+    """
+    backends = build(pools=pools).pools["stable"].backends
+    assert [(b.url, b.name, b.weight) for b in backends] == [
+        ("http://example.com:80", "example.com:80", 1.0),
+        ("https://example.com:443", "example.com:443", 1.0),
+        ("http://[::1]:9000", "[::1]:9000", 3.0),
+        ("http://10.0.0.1:8000", "gpu-1", 1.0),
+    ]
+
+
+def test_route_match_header_and_fallback() -> None:
+    routes = """
+    routes:
+      - name: eval
+        match: {path_prefix: /v1, header: {X-Tenant: acme}}
+        pool: canary
+        sticky: api_key
+        fallback: [stable]
+    """
+    (route,) = build(routes=routes).routes
+    assert route.match == schema.RouteMatch(path_prefix="/v1", header=("x-tenant", "acme"))
+    assert (route.sticky, route.fallback) == ("api_key", ("stable",))
+
+
+def test_header_modes_are_lower_cased() -> None:
+    pools = POOLS + "    hash_key: header:X-Session\n"
+    routes = ROUTES.replace("header:x-user-id", "header:X-User-Id")
+    limits = "rate_limits: {rules: [{key: 'header:X-Team', tokens_per_minute: 10}]}"
+    config = build(limits, pools=pools, routes=routes)
+    assert config.routes[0].sticky == "header:x-user-id"
+    assert config.pools["canary"].hash_key == "header:x-session"
+    assert config.rate_limits.rules[0].key == "header:x-team"
+
+
+def test_rate_limits() -> None:
+    limits = build("""
+    rate_limits:
+      store: rediss://cache.internal:6380/1
+      on_store_error: deny
+      rules:
+        - {key: api_key, requests_per_minute: 600, tokens_per_minute: 200000}
+        - {key: global, max_concurrent: 100}
+    """).rate_limits
+    assert limits == schema.RateLimitsConfig(
+        store="rediss://cache.internal:6380/1",
+        on_store_error="deny",
+        rules=(
+            schema.RateLimitRule("api_key", 600.0, 200000.0, None),
+            schema.RateLimitRule("global", None, None, 100),
+        ),
+    )
+
+
+def test_defaults_apply_to_every_pool_before_its_own_keys() -> None:
+    pools = POOLS + "    balancer: random\n    timeouts: {idle_s: 10}\n"
+    config = build(
+        """
+        defaults:
+          balancer: power_of_two
+          retry: {attempts: 2}
+          timeouts: {first_byte_s: 120, idle_s: 60, total_s: 900}
+        """,
+        pools=pools,
+    )
+    stable, canary = config.pools["stable"], config.pools["canary"]
+    assert stable.timeouts == schema.TimeoutsConfig(2.0, 120.0, 60.0, 900.0)
+    assert canary.timeouts == schema.TimeoutsConfig(2.0, 120.0, 10.0, 900.0)
+    assert (stable.balancer, canary.balancer) == ("power_of_two", "random")
+    assert (stable.retry.attempts, canary.retry.attempts) == (2, 2)
+    assert canary.health == schema.HealthConfig()
