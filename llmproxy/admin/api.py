@@ -1,0 +1,129 @@
+"""The admin listener: metrics, probes, and the operator API.
+
+It is a separate ``web.Application`` on its own port so that operator traffic
+and scrapes never queue behind user traffic, and so it can stay on loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from llmproxy.errors import Unauthorized, proxy_error_response
+from llmproxy.keys import GATEWAY
+
+if TYPE_CHECKING:
+    from llmproxy.app import Gateway
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminConfigError(ValueError):
+    """The admin listener would be reachable from the network without a token."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_token(token: str | None) -> Callable[[_Handler], _Handler]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    def wrap(handler: _Handler) -> _Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if expected is not None:
+                given = request.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    return proxy_error_response(
+                        Unauthorized(
+                            "missing or wrong admin token",
+                            headers={"WWW-Authenticate": "Bearer"},
+                        )
+                    )
+            return await handler(request)
+
+        return guarded
+
+    return wrap
+
+
+def backend_state(gw: Gateway) -> dict[str, Any]:
+    pools: dict[str, Any] = {}
+    for pool in gw.runtime.pools.values():
+        pools[pool.name] = {
+            "balancer": pool.config.balancer,
+            "backends": [
+                {
+                    "name": b.name,
+                    "url": str(b.base_url),
+                    "weight": b.weight,
+                    "effective_weight": b.effective_weight,
+                    "in_flight": b.in_flight,
+                    "healthy": b.healthy,
+                    "draining": b.draining,
+                    "eligible": b.eligible,
+                }
+                for b in pool.backends
+            ],
+        }
+    return pools
+
+
+async def _state(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    routes = [
+        {
+            "name": r.name,
+            "split": [{"pool": t.pool, "weight": t.weight} for t in r.split],
+            "fallback": list(r.fallback),
+            "sticky": r.sticky,
+        }
+        for r in gw.config.routes
+    ]
+    body = {
+        "ready": gw.ready,
+        "draining": gw.draining,
+        "config_source": gw.config.source,
+        "pools": backend_state(gw),
+        "routes": routes,
+    }
+    return web.json_response(body)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready = request.app[GATEWAY].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+def build_admin_app(gateway: Gateway) -> web.Application:
+    cfg = gateway.config.admin
+    if not cfg.token and not _is_loopback(cfg.host):
+        raise AdminConfigError(
+            f"admin.token: the admin listener on {cfg.host} is not loopback-only; set a token"
+        )
+    guard = _require_token(cfg.token)
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", guard(_state))
+    return app

@@ -1,0 +1,193 @@
+"""The composition root: builds the gateway's apps from a :class:`Config`.
+
+Nothing else in the package constructs long-lived components; they receive
+what they need from here. App state goes through ``web.AppKey`` and every
+resource that needs the event loop is opened and closed in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from llmproxy.admin.api import build_admin_app
+from llmproxy.config.schema import Config
+from llmproxy.errors import ProxyError, http_exception_response, proxy_error_response
+from llmproxy.keys import GATEWAY
+from llmproxy.observability.metrics import Metrics
+from llmproxy.runtime import Runtime
+from llmproxy.upstream.forwarder import Forwarder
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The state one gateway process shares between its listeners."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.rng = rng if rng is not None else random.Random()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.runtime = Runtime.build(config, self.rng)
+        #: Set on shutdown: /readyz turns 503 so load balancers stop sending.
+        self.draining = False
+        self._session: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
+        self.metrics.register_runtime(lambda: self.runtime)
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.runtime.ready
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # per-backend concurrency is the balancer's business
+            keepalive_timeout=60,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes pass through as the replica sent them
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+        self._forwarder = Forwarder(
+            session=self._session,
+            metrics=self.metrics,
+            rng=self.rng,
+            runtime=lambda: self.runtime,
+            max_body_bytes=self.config.server.max_body_bytes,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        assert self._forwarder is not None, "Gateway.start() was not awaited"
+        return await self._forwarder.handle(request)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], object]
+) -> web.StreamResponse:
+    """The isolation boundary: whatever escapes becomes OpenAI-shaped JSON."""
+    try:
+        return await handler(request)  # type: ignore[misc,no-any-return]
+    except ProxyError as exc:
+        return proxy_error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_exception_response(exc)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return proxy_error_response(ProxyError("internal error in the gateway"))
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    if gw.ready:
+        return web.json_response({"status": "ready"})
+    why = "draining" if gw.draining else "no route has a healthy backend"
+    return web.json_response({"status": "not ready", "reason": why}, status=503)
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=gateway.config.server.max_body_bytes,
+        handler_args={"max_field_size": 65536},
+    )
+    app[GATEWAY] = gateway
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_route("*", "/{tail:.*}", gateway.proxy)
+    return app
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Where the gateway ended up listening (ports may have been 0)."""
+
+    url: str
+    admin_url: str | None
+
+
+def _bound_url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+async def serve(
+    config: Config,
+    *,
+    on_listening: Callable[[Listening], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the gateway until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    gateway = Gateway(config)
+    runner = web.AppRunner(
+        build_app(gateway),
+        handler_cancellation=True,  # a client that leaves cancels its upstream request
+        access_log=None,
+        shutdown_timeout=config.server.drain_timeout_s,
+    )
+    await runner.setup()
+    srv = config.server
+    await web.TCPSite(runner, srv.host, srv.port, backlog=4096, reuse_port=srv.workers > 1).start()
+    admin_runner: web.AppRunner | None = None
+    if config.admin.enabled:
+        admin_runner = web.AppRunner(build_admin_app(gateway), access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+    listening = Listening(_bound_url(runner), _bound_url(admin_runner) if admin_runner else None)
+    log.info("listening on %s (admin: %s)", listening.url, listening.admin_url)
+    if on_listening is not None:
+        on_listening(listening)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: draining for up to %.0fs", srv.drain_timeout_s)
+        gateway.draining = True
+        await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()

@@ -1,0 +1,12 @@
+"""``web.AppKey`` declarations: typed app state, shared by both listeners."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from llmproxy.app import Gateway
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")

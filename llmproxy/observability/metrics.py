@@ -1,0 +1,103 @@
+"""Prometheus metrics, on the app's own ``CollectorRegistry``.
+
+Label values come only from the config (route, pool and backend names) or
+from a fixed set (status codes, a fixed ``none`` for "no backend was used"),
+never from raw user input, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+import llmproxy
+
+if TYPE_CHECKING:
+    from llmproxy.runtime import Runtime
+
+#: Seconds; LLM latencies run from milliseconds (cached, tiny) to minutes.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+#: Label value used when no backend or route was involved.
+NONE = "none"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "llmproxy_requests",
+            "Requests answered, by route, pool, backend and status code.",
+            ("route", "pool", "backend", "code"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llmproxy_request_duration_seconds",
+            "Time from receiving the request to the end of the response.",
+            ("route", "pool"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "llmproxy_time_to_first_byte_seconds",
+            "Time from receiving the request to the first byte of the response body"
+            " (time to first token for streams).",
+            ("route", "pool", "backend"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_cancelled = Counter(
+            "llmproxy_upstream_cancelled",
+            "Upstream requests cancelled because the client went away.",
+            ("pool", "backend"),
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "llmproxy_upstream_errors",
+            "Failed upstream attempts, by kind (connect, timeout, status, midstream).",
+            ("pool", "backend", "kind"),
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "llmproxy_build_info", "Build information.", ("version",), registry=r
+        )
+        self.build_info.labels(llmproxy.__version__).set(1)
+
+    def register_runtime(self, runtime: Callable[[], Runtime]) -> None:
+        """Backend state is read at scrape time, so the request path pays
+        nothing for it and backends removed by a reload vanish from the scrape."""
+        self.registry.register(_BackendCollector(runtime))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _BackendCollector(Collector):
+    def __init__(self, runtime: Callable[[], Runtime]) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "llmproxy_backend_in_flight",
+            "Requests sent to a backend whose response has not ended.",
+            labels=("pool", "backend"),
+        )
+        healthy = GaugeMetricFamily(
+            "llmproxy_backend_healthy",
+            "1 if the backend may take new requests (healthy and not draining).",
+            labels=("pool", "backend"),
+        )
+        for pool in self._runtime().pools.values():
+            for b in pool.backends:
+                in_flight.add_metric((pool.name, b.name), b.in_flight)
+                healthy.add_metric((pool.name, b.name), 1.0 if b.eligible else 0.0)
+        yield in_flight
+        yield healthy
