@@ -16,6 +16,7 @@ from llmproxy.config.errors import Issues, index_path, key_path
 from llmproxy.config.fields import (
     INVALID,
     Invalid,
+    apply_fields,
     build_section,
     check_keys,
     describe,
@@ -31,6 +32,7 @@ from llmproxy.config.schema import (
     BackendConfig,
     BreakerConfig,
     HealthConfig,
+    OutlierConfig,
     PoolConfig,
     RetryConfig,
     TimeoutsConfig,
@@ -44,9 +46,20 @@ from llmproxy.config.values import (
     parse_key_mode,
 )
 
-_S = TypeVar("_S", HealthConfig, BreakerConfig, RetryConfig, TimeoutsConfig)
+_S = TypeVar("_S", HealthConfig, BreakerConfig, RetryConfig, TimeoutsConfig, OutlierConfig)
 
-_SETTINGS_KEYS = ("balancer", "hash_key", "health", "breaker", "retry", "timeouts")
+#: Pool-level scalars, read with the schema's types and bounds.
+_SCALAR_KEYS = ("slow_start_s", "panic_mode")
+_SETTINGS_KEYS = (
+    "balancer",
+    "hash_key",
+    "health",
+    "breaker",
+    "retry",
+    "timeouts",
+    "outlier",
+    *_SCALAR_KEYS,
+)
 _POOL_KEYS = ("backends", *_SETTINGS_KEYS)
 _BACKEND_KEYS = ("url", "weight", "name")
 
@@ -127,6 +140,13 @@ def _apply_settings(
     if path_given and not health.path.startswith("/"):
         health_path = key_path(key_path(path, "health"), "path")
         issues.add(health_path, f"must start with '/', got {health.path!r}")
+    if "deep_path" in (health_data if isinstance(health_data, dict) else {}) and not (
+        health.deep_path.startswith("/")
+    ):
+        deep_path = key_path(key_path(path, "health"), "deep_path")
+        issues.add(deep_path, f"must start with '/', got {health.deep_path!r}")
+    scalars = {k: data[k] for k in _SCALAR_KEYS if k in data}
+    base = apply_fields(PoolConfig, scalars, path, issues, base) if scalars else base
     return replace(
         base,
         balancer=balancer,
@@ -135,6 +155,7 @@ def _apply_settings(
         breaker=section("breaker", BreakerConfig, base.breaker),
         retry=section("retry", RetryConfig, base.retry),
         timeouts=section("timeouts", TimeoutsConfig, base.timeouts),
+        outlier=section("outlier", OutlierConfig, base.outlier),
     )
 
 

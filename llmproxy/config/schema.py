@@ -56,6 +56,16 @@ class HealthConfig:
     healthy_threshold: int = 2
     unhealthy_threshold: int = 2
     enabled: bool = True
+    #: Each interval is stretched or shrunk at random by up to this share, so
+    #: checks of many backends (and many gateways) do not align.
+    jitter: float = 0.2
+    #: Deep check: a one-token completion every ``deep_interval_s`` (0 = off),
+    #: skipped while the backend serves traffic, so it never competes with users.
+    deep_interval_s: float = 0.0
+    deep_timeout_s: float = 30.0
+    deep_path: str = "/v1/completions"
+    #: Model named in the deep check; empty = the first of the backend's /v1/models.
+    deep_model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,31 @@ class RetryConfig:
     retry_on_429: bool = False
     backoff_base_s: float = 0.01
     backoff_max_s: float = 0.5
+    #: A backend's ``Retry-After`` (on 429/503) is honoured up to this long.
+    retry_after_max_s: float = 2.0
+    #: The "recent requests" the budget is a share of.
+    budget_window_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive outlier detection (Envoy's outlier_detection)."""
+
+    #: Consecutive failed requests (connect error, timeout, 5xx) that eject.
+    consecutive_failures: int = 5
+    #: An ejection lasts ``base_ejection_s`` times the number of ejections, up to ``max_ejection_s``.
+    base_ejection_s: float = 10.0
+    max_ejection_s: float = 300.0
+    #: At most this share of a pool is ejected at once (at least one may be).
+    max_ejection_percent: float = 50.0
+    #: A backend whose smoothed time to first byte exceeds this multiple of the
+    #: pool's median has its weight cut in proportion; 0 turns it off.
+    latency_factor: float = 3.0
+    #: Samples a backend needs before its latency is judged.
+    latency_min_samples: int = 10
+    #: Smoothing of the time to first byte (weight of the newest sample).
+    latency_alpha: float = 0.2
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +136,13 @@ class PoolConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    #: A backend that joins or returns ramps its weight up over this long (its
+    #: prefix cache is cold); 0 turns it off.
+    slow_start_s: float = 10.0
+    #: With no eligible backend: False refuses at once (503); True tries the
+    #: backend that failed least recently (Envoy's panic routing).
+    panic_mode: bool = False
 
 
 @dataclass(frozen=True, slots=True)

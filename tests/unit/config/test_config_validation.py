@@ -340,7 +340,8 @@ CASES: list[tuple[str, object, str | At]] = [
     (
         "defaults.backends",
         [],
-        "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts)",
+        "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts,"
+        " outlier, slow_start_s, panic_mode)",
     ),
     ("defaults.timeouts.idle_s", 0, "must be greater than 0, got 0"),
     (
