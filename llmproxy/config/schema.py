@@ -98,7 +98,8 @@ class OutlierConfig:
 
     #: Consecutive failed requests (connect error, timeout, 5xx) that eject.
     consecutive_failures: int = 5
-    #: An ejection lasts ``base_ejection_s`` times the number of ejections, up to ``max_ejection_s``.
+    #: An ejection lasts ``base_ejection_s`` times the number of ejections so far,
+    #: up to ``max_ejection_s``.
     base_ejection_s: float = 10.0
     max_ejection_s: float = 300.0
     #: At most this share of a pool is ejected at once (at least one may be).
