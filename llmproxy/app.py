@@ -9,80 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from llmproxy.admin.api import build_admin_app
 from llmproxy.config.schema import Config
 from llmproxy.errors import ProxyError, http_exception_response, proxy_error_response
+from llmproxy.gateway import Gateway
 from llmproxy.keys import GATEWAY
-from llmproxy.observability.metrics import Metrics
-from llmproxy.runtime import Runtime
-from llmproxy.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
-
-
-class Gateway:
-    """The state one gateway process shares between its listeners."""
-
-    def __init__(
-        self,
-        config: Config,
-        *,
-        rng: random.Random | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.rng = rng if rng is not None else random.Random()
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.runtime = Runtime.build(config, self.rng)
-        #: Set on shutdown: /readyz turns 503 so load balancers stop sending.
-        self.draining = False
-        self._session: aiohttp.ClientSession | None = None
-        self._forwarder: Forwarder | None = None
-        self.metrics.register_runtime(lambda: self.runtime)
-
-    @property
-    def config(self) -> Config:
-        return self.runtime.config
-
-    @property
-    def ready(self) -> bool:
-        return not self.draining and self.runtime.ready
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # per-backend concurrency is the balancer's business
-            keepalive_timeout=60,
-            ttl_dns_cache=10,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,  # bytes pass through as the replica sent them
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
-        self._forwarder = Forwarder(
-            session=self._session,
-            metrics=self.metrics,
-            rng=self.rng,
-            runtime=lambda: self.runtime,
-            max_body_bytes=self.config.server.max_body_bytes,
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def proxy(self, request: web.Request) -> web.StreamResponse:
-        assert self._forwarder is not None, "Gateway.start() was not awaited"
-        return await self._forwarder.handle(request)
 
 
 @web.middleware
@@ -130,7 +69,13 @@ def build_app(gateway: Gateway) -> web.Application:
         yield
         await gateway.close()
 
+    async def drain(app: web.Application) -> None:
+        # aiohttp has stopped accepting connections; give in-flight requests
+        # their drain timeout before it cancels what is left.
+        await gateway.drain_requests(gateway.config.server.drain_timeout_s)
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_route("*", "/{tail:.*}", gateway.proxy)
@@ -162,7 +107,8 @@ async def serve(
         build_app(gateway),
         handler_cancellation=True,  # a client that leaves cancels its upstream request
         access_log=None,
-        shutdown_timeout=config.server.drain_timeout_s,
+        # Our own drain (on_shutdown) has already ended every request by then.
+        shutdown_timeout=5.0,
     )
     await runner.setup()
     srv = config.server
@@ -179,15 +125,25 @@ async def serve(
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(gateway.reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("shutting down: draining for up to %.0fs", srv.drain_timeout_s)
         gateway.draining = True
         await runner.cleanup()
+        for task in list(reloads):
+            task.cancel()
         if admin_runner is not None:
             await admin_runner.cleanup()

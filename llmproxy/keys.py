@@ -7,6 +7,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from llmproxy.app import Gateway
+    from llmproxy.gateway import Gateway
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")

@@ -1,16 +1,18 @@
 """What one loaded config becomes at run time: the route table and the pools.
 
 The forwarder reads ``Gateway.runtime`` once per request; a reload builds a new
-``Runtime`` and swaps the reference, so a request sees one config throughout.
+``Runtime`` (carrying over the state of backends that stay) and swaps the
+reference, so a request sees one config throughout.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmproxy.config.schema import Config
-from llmproxy.pool.pool import Pool
+from llmproxy.pool.pool import Pool, PoolEvents
 from llmproxy.routing.table import RouteTable
 
 
@@ -19,17 +21,40 @@ class Runtime:
     config: Config
     table: RouteTable
     pools: dict[str, Pool]
+    #: The clock every component of this runtime reads (the loop's, in seconds).
+    clock: Callable[[], float]
 
     @classmethod
-    def build(cls, config: Config, rng: random.Random) -> Runtime:
-        pools = {name: Pool(pc, rng) for name, pc in config.pools.items()}
-        return cls(config=config, table=RouteTable(config.routes), pools=pools)
+    def build(
+        cls,
+        config: Config,
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+        events: PoolEvents,
+        previous: Runtime | None = None,
+    ) -> Runtime:
+        old = previous.pools if previous is not None else {}
+        pools = {
+            name: Pool(
+                pc,
+                rng=rng,
+                clock=clock,
+                events=events,
+                previous=old.get(name),
+            )
+            for name, pc in config.pools.items()
+        }
+        return cls(config=config, table=RouteTable(config.routes), pools=pools, clock=clock)
+
+    def route_pools(self) -> set[str]:
+        return {
+            name
+            for route in self.config.routes
+            for name in (*(t.pool for t in route.split), *route.fallback)
+        }
 
     @property
     def ready(self) -> bool:
         """At least one route has a pool with an eligible backend."""
-        for route in self.config.routes:
-            for name in (*(t.pool for t in route.split), *route.fallback):
-                if self.pools[name].has_eligible:
-                    return True
-        return False
+        return any(self.pools[name].has_eligible for name in self.route_pools())

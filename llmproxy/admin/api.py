@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from llmproxy.errors import Unauthorized, proxy_error_response
+from llmproxy.errors import NotFound, Unauthorized, proxy_error_response
 from llmproxy.keys import GATEWAY
 
 if TYPE_CHECKING:
-    from llmproxy.app import Gateway
+    from llmproxy.gateway import Gateway
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,20 +57,28 @@ def _require_token(token: str | None) -> Callable[[_Handler], _Handler]:
 
 
 def backend_state(gw: Gateway) -> dict[str, Any]:
+    now = gw.clock()
     pools: dict[str, Any] = {}
     for pool in gw.runtime.pools.values():
         pools[pool.name] = {
             "balancer": pool.config.balancer,
+            "eligible": sum(b.available(now) for b in pool.backends),
+            "retry_budget": pool.budget.snapshot(),
             "backends": [
                 {
                     "name": b.name,
                     "url": str(b.base_url),
                     "weight": b.weight,
-                    "effective_weight": b.effective_weight,
+                    "effective_weight": round(b.effective_weight, 4),
                     "in_flight": b.in_flight,
                     "healthy": b.healthy,
+                    "health_detail": b.health_detail,
                     "draining": b.draining,
+                    "available": b.available(now),
                     "eligible": b.eligible,
+                    "slow_start": now < b.ramp_until,
+                    "breaker": b.breaker.snapshot(),
+                    "outlier": pool.outlier.snapshot(b.name, now),
                 }
                 for b in pool.backends
             ],
@@ -89,14 +97,47 @@ async def _state(request: web.Request) -> web.Response:
         }
         for r in gw.config.routes
     ]
+    reload = gw.last_reload
     body = {
         "ready": gw.ready,
         "draining": gw.draining,
         "config_source": gw.config.source,
+        "last_reload": {
+            "ok": reload.ok,
+            "at": reload.at,
+            "errors": reload.errors,
+            "changes": reload.changes,
+        },
         "pools": backend_state(gw),
         "routes": routes,
     }
     return web.json_response(body)
+
+
+async def _set_drain(request: web.Request, draining: bool) -> web.Response:
+    gw = request.app[GATEWAY]
+    pool, backend = request.match_info["pool"], request.match_info["backend"]
+    try:
+        b = gw.set_draining(pool, backend, draining)
+    except KeyError as exc:
+        return proxy_error_response(NotFound(str(exc.args[0])))
+    return web.json_response(
+        {"pool": pool, "backend": b.name, "draining": b.draining, "in_flight": b.in_flight}
+    )
+
+
+async def _drain(request: web.Request) -> web.Response:
+    return await _set_drain(request, True)
+
+
+async def _undrain(request: web.Request) -> web.Response:
+    return await _set_drain(request, False)
+
+
+async def _reload(request: web.Request) -> web.Response:
+    status = await request.app[GATEWAY].reload()
+    body = {"ok": status.ok, "errors": status.errors, "changes": status.changes}
+    return web.json_response(body, status=200 if status.ok else 422)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -126,4 +167,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/state", guard(_state))
+    app.router.add_post("/admin/backends/{pool}/{backend}/drain", guard(_drain))
+    app.router.add_post("/admin/backends/{pool}/{backend}/undrain", guard(_undrain))
+    app.router.add_post("/admin/reload", guard(_reload))
     return app

@@ -66,6 +66,61 @@ class Metrics:
             ("pool", "backend", "kind"),
             registry=r,
         )
+        self.health_checks = Counter(
+            "llmproxy_health_checks",
+            "Active health probes, by result (pass, fail).",
+            ("pool", "backend", "result"),
+            registry=r,
+        )
+        self.health_transitions = Counter(
+            "llmproxy_health_transitions",
+            "Backends changing health state, by the new state (up, down).",
+            ("pool", "backend", "to"),
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "llmproxy_breaker_transitions",
+            "Circuit breaker state changes, by the new state.",
+            ("pool", "backend", "to"),
+            registry=r,
+        )
+        self.ejections = Counter(
+            "llmproxy_outlier_ejections",
+            "Backends ejected by outlier detection.",
+            ("pool", "backend"),
+            registry=r,
+        )
+        self.retries = Counter(
+            "llmproxy_retries",
+            "Retries on another backend before the commit point, by reason"
+            " (connect, timeout, status, ratelimited).",
+            ("pool", "reason"),
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "llmproxy_retry_budget_exhausted",
+            "Retries refused because the pool's retry budget was spent.",
+            ("pool",),
+            registry=r,
+        )
+        self.no_backend = Counter(
+            "llmproxy_no_eligible_backend",
+            "Requests that found no eligible backend in a pool (refused or panic-routed).",
+            ("pool", "action"),
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "llmproxy_config_reloads",
+            "Config reloads, by result (success, error).",
+            ("result",),
+            registry=r,
+        )
+        self.config_last_reload_ok = Gauge(
+            "llmproxy_config_last_reload_successful",
+            "1 if the last config reload succeeded (or none was tried).",
+            registry=r,
+        )
+        self.config_last_reload_ok.set(1)
         self.build_info = Gauge(
             "llmproxy_build_info", "Build information.", ("version",), registry=r
         )
@@ -92,12 +147,39 @@ class _BackendCollector(Collector):
         )
         healthy = GaugeMetricFamily(
             "llmproxy_backend_healthy",
-            "1 if the backend may take new requests (healthy and not draining).",
+            "1 if the backend passes its active health checks, else 0.",
             labels=("pool", "backend"),
         )
-        for pool in self._runtime().pools.values():
+        available = GaugeMetricFamily(
+            "llmproxy_backend_available",
+            "1 if the backend may take a new request now (healthy, not ejected,"
+            " breaker admits, not draining).",
+            labels=("pool", "backend"),
+        )
+        breaker = GaugeMetricFamily(
+            "llmproxy_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=("pool", "backend"),
+        )
+        ejected = GaugeMetricFamily(
+            "llmproxy_backend_ejected",
+            "1 while outlier detection keeps the backend out.",
+            labels=("pool", "backend"),
+        )
+        weight = GaugeMetricFamily(
+            "llmproxy_backend_effective_weight",
+            "Weight the balancer uses: configured x latency factor x slow-start ramp.",
+            labels=("pool", "backend"),
+        )
+        runtime = self._runtime()
+        now = runtime.clock()
+        for pool in runtime.pools.values():
             for b in pool.backends:
-                in_flight.add_metric((pool.name, b.name), b.in_flight)
-                healthy.add_metric((pool.name, b.name), 1.0 if b.eligible else 0.0)
-        yield in_flight
-        yield healthy
+                labels = (pool.name, b.name)
+                in_flight.add_metric(labels, b.in_flight)
+                healthy.add_metric(labels, 1.0 if b.healthy else 0.0)
+                available.add_metric(labels, 1.0 if b.available(now) else 0.0)
+                breaker.add_metric(labels, b.breaker.state.gauge)
+                ejected.add_metric(labels, 1.0 if b.ejected_until > now else 0.0)
+                weight.add_metric(labels, b.effective_weight)
+        yield from (in_flight, healthy, available, breaker, ejected, weight)

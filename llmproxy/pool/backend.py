@@ -1,9 +1,9 @@
 """Run-time state of one backend (an upstream replica).
 
 A ``Backend`` is owned by its :class:`~llmproxy.pool.pool.Pool`; the health
-checker, the outlier detector and the forwarder change it only through the
-pool. Its ``name`` is stable across reloads, so a backend that stays in the
-config keeps this object, and with it its in-flight count and history.
+checker, the outlier detector, the breaker and the forwarder change it only
+through the pool. A backend that stays in the config across a reload keeps
+this object, and with it its in-flight count, breaker, health and history.
 """
 
 from __future__ import annotations
@@ -11,47 +11,87 @@ from __future__ import annotations
 from yarl import URL
 
 from llmproxy.config.schema import BackendConfig
+from llmproxy.health.slow_start import slow_start_factor
+from llmproxy.resilience.breaker import Breaker
 
 
 class Backend:
     __slots__ = (
         "_prefix",
         "base_url",
+        "breaker",
         "config",
         "draining",
+        "effective_weight",
+        "ejected_until",
+        "health_detail",
         "healthy",
         "in_flight",
+        "last_failure_at",
+        "latency_factor",
         "name",
+        "ramp_from",
+        "ramp_until",
         "weight",
     )
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, breaker: Breaker) -> None:
         self.config = config
         self.name = config.name
         self.base_url = URL(config.url)
         self._prefix = config.url.rstrip("/")
         self.weight = config.weight
+        self.breaker = breaker
         #: Requests sent to this backend whose response has not ended.
         self.in_flight = 0
-        #: Set by the active health checker; a new backend is presumed healthy
-        #: until the checker says otherwise.
+        #: Set by the active health checker; presumed healthy until it says
+        #: otherwise, so a gateway serves from the moment it starts.
         self.healthy = True
+        self.health_detail = ""
         #: Takes no new requests; in-flight ones finish.
         self.draining = False
+        #: Loop time until which the outlier detector keeps it out (0: not ejected).
+        self.ejected_until = 0.0
+        #: Loop time of the last failed request (for panic routing); 0: never.
+        self.last_failure_at = 0.0
+        #: Cut below 1 by the outlier detector while its latency is an outlier.
+        self.latency_factor = 1.0
+        #: Slow start: the weight ramps up between these loop times.
+        self.ramp_from = 0.0
+        self.ramp_until = 0.0
+        #: What balancers read: weight x latency factor x slow-start ramp; > 0.
+        #: Kept as a plain attribute, refreshed by the pool, so a pick is cheap.
+        self.effective_weight = self.weight
 
-    @property
-    def effective_weight(self) -> float:
-        return self.weight
+    def start_ramp(self, now: float, window_s: float) -> None:
+        """It joined or came back: ramp its weight up over ``window_s``."""
+        if window_s > 0:
+            self.ramp_from = now
+            self.ramp_until = now + window_s
+        self.refresh_weight(now)
+
+    def refresh_weight(self, now: float) -> None:
+        w = self.weight * self.latency_factor
+        if now < self.ramp_until:
+            w *= slow_start_factor(now - self.ramp_from, self.ramp_until - self.ramp_from)
+        self.effective_weight = w
+
+    def available(self, now: float) -> bool:
+        """May take a new request now (the breaker's probe limit included)."""
+        return (
+            self.healthy
+            and not self.draining
+            and now >= self.ejected_until
+            and self.breaker.admits()
+        )
 
     @property
     def eligible(self) -> bool:
+        """Healthy and not draining (the view of the health gauge and /readyz)."""
         return self.healthy and not self.draining
 
     def url_for(self, path_qs: str) -> URL:
-        """The upstream URL for the client's raw (still encoded) path and query.
-
-        A base URL with a path (``http://host/prefix``) prefixes the client's path.
-        """
+        """The upstream URL for the client's raw (still encoded) path and query."""
         return URL(self._prefix + path_qs, encoded=True)
 
     def __repr__(self) -> str:

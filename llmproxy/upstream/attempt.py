@@ -1,0 +1,259 @@
+"""One upstream attempt: send, wait for the first byte, commit, relay.
+
+Before the commit point a failure raises :class:`RetryableError` (the
+forwarder may try elsewhere); after it, the failure is shown to the client
+and the response ends. Every attempt reports exactly one outcome to its pool
+(success, failure or neutral), which feeds the breaker and outlier detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from llmproxy.errors import NoEligibleBackend, sse_error_event
+from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.pool.backend import Backend
+from llmproxy.pool.pool import Pool
+from llmproxy.resilience.retry import RetryableError, parse_retry_after
+from llmproxy.upstream.exchange import Exchange
+from llmproxy.upstream.headers import client_response_headers
+from llmproxy.upstream.watchdog import Expiry, Watchdog
+
+log = logging.getLogger("llmproxy.upstream")
+
+#: Statuses that mean "this backend cannot take it now": tried elsewhere.
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+#: aiohttp adds these when absent; a proxy must not invent them (an added
+#: Accept-Encoding would have the replica compress for a client that never
+#: asked).
+_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+#: An error body kept to pass on if every retry fails; larger ones are cut.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class StatusRetry(RetryableError):
+    """The backend answered with a retryable status; its answer is kept."""
+
+    def __init__(
+        self,
+        kind: str,
+        status: int,
+        headers: CIMultiDict[str],
+        body: bytes,
+        retry_after: float | None,
+    ) -> None:
+        super().__init__(kind, f"HTTP {status}", retry_after, status)
+        self.headers = headers
+        self.body = body
+
+
+class _ClientGone(Exception):
+    """A write to the client failed: it closed the connection."""
+
+
+class AttemptRunner:
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self._session = session
+        self._metrics = metrics
+
+    async def run(
+        self, ex: Exchange, pool: Pool, backend: Backend, *, permit: bool
+    ) -> web.StreamResponse:
+        request = ex.request
+        timeouts = pool.config.timeouts
+        loop = asyncio.get_running_loop()
+        wd = Watchdog(timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
+        backend.in_flight += 1
+        upstream: aiohttp.ClientResponse | None = None
+        resp: web.StreamResponse | None = None
+        verdict: bool | None = None  # True success, False failure, None neutral
+        ttfb: float | None = None
+        try:
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    backend.url_for(request.raw_path),
+                    data=ex.body,
+                    headers=ex.upstream_headers,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    timeout=pool.client_timeout,
+                )
+                status = upstream.status
+                retry_429 = status == 429 and pool.config.retry.retry_on_429
+                if status in RETRYABLE_STATUS or retry_429:
+                    verdict = None if status == 429 else False
+                    body = await upstream.content.read(_MAX_ERROR_BODY)
+                    raise StatusRetry(
+                        "ratelimited" if status == 429 else "status",
+                        status,
+                        client_response_headers(upstream.headers),
+                        body,
+                        parse_retry_after(upstream.headers.get("Retry-After"), time.time()),
+                    )
+                first = await upstream.content.readany()
+            except aiohttp.ClientError as exc:
+                verdict = False
+                self._count_error(pool, backend, "connect")
+                raise RetryableError("connect", _describe(exc), None, None) from exc
+            except asyncio.CancelledError:
+                if wd.absorb():
+                    verdict = False
+                    self._count_error(pool, backend, "timeout")
+                    raise RetryableError(
+                        "timeout", f"no first byte within {timeouts.first_byte_s:g}s", None, None
+                    ) from None
+                raise
+            except StatusRetry as exc:
+                self._count_error(pool, backend, exc.kind)
+                raise
+
+            # Commit point: from here on the client sees what happens.
+            wd.last = now = loop.time()
+            ttfb = now - ex.started
+            verdict = status < 500
+            resp = web.StreamResponse(
+                status=status, headers=client_response_headers(upstream.headers)
+            )
+            self.finish_headers(resp, ex)
+            await resp.prepare(request)
+            self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
+            is_sse = upstream.content_type == "text/event-stream"
+            try:
+                await _relay(upstream, resp, first, wd)
+            except asyncio.CancelledError:
+                if wd.absorb():
+                    verdict = False
+                    await self._fail_midstream(
+                        ex, pool, backend, resp, is_sse=is_sse, message=_expiry(wd)
+                    )
+                elif ex.aborting is not None:
+                    _uncancel()
+                    verdict = None
+                    await self._fail_midstream(
+                        ex, pool, backend, resp, is_sse=is_sse, message=ex.aborting
+                    )
+                else:
+                    raise
+            except aiohttp.ClientError as exc:
+                if _client_gone(request):
+                    raise _ClientGone from exc
+                verdict = False
+                await self._fail_midstream(
+                    ex, pool, backend, resp, is_sse=is_sse, message=f"upstream failed: {exc}"
+                )
+            else:
+                await resp.write_eof()
+            self.observe(ex, status)
+            return resp
+        except (asyncio.CancelledError, _ClientGone) as exc:
+            verdict = None
+            if isinstance(exc, asyncio.CancelledError) and ex.aborting is not None and resp is None:
+                # Shutdown before the commit point: the client may retry elsewhere.
+                _uncancel()
+                raise NoEligibleBackend(ex.aborting, headers={"Retry-After": "1"}) from None
+            # The client went away (or the server is stopping): close the
+            # upstream connection now so the replica stops generating.
+            if upstream is not None:
+                upstream.close()
+            self._metrics.upstream_cancelled.labels(ex.pool, ex.backend).inc()
+            if isinstance(exc, _ClientGone) and resp is not None:
+                return resp
+            raise
+        finally:
+            wd.stop()
+            backend.in_flight -= 1
+            if upstream is not None:
+                # Back to the keep-alive pool if the body was read to the end;
+                # aiohttp closes the connection otherwise.
+                upstream.release()
+            if verdict is True:
+                pool.record_success(backend, ttfb, permit=permit)
+            elif verdict is False:
+                pool.record_failure(backend, permit=permit)
+            else:
+                pool.record_neutral(backend, permit=permit)
+
+    def _count_error(self, pool: Pool, backend: Backend, kind: str) -> None:
+        self._metrics.upstream_errors.labels(pool.name, backend.name, kind).inc()
+
+    async def _fail_midstream(
+        self,
+        ex: Exchange,
+        pool: Pool,
+        backend: Backend,
+        resp: web.StreamResponse,
+        *,
+        is_sse: bool,
+        message: str,
+    ) -> None:
+        self._count_error(pool, backend, "midstream")
+        log.warning("request %s on %s/%s: %s", ex.request_id, pool.name, backend.name, message)
+        if is_sse:
+            try:
+                await resp.write(sse_error_event(message))
+                await resp.write_eof()
+            except ConnectionError:
+                log.debug("client left before the SSE error event was written")
+        elif ex.request.transport is not None:
+            # No terminating chunk and no missing Content-Length bytes: the
+            # client can tell the body is incomplete.
+            ex.request.transport.close()
+
+    @staticmethod
+    def finish_headers(resp: web.StreamResponse, ex: Exchange) -> None:
+        h = resp.headers
+        h["x-request-id"] = ex.request_id
+        if ex.backend is not NONE:
+            h["x-llmproxy-backend"] = ex.backend
+            h["x-llmproxy-pool"] = ex.pool
+        h["x-llmproxy-attempts"] = str(ex.attempts)
+
+    def observe(self, ex: Exchange, status: int) -> None:
+        m = self._metrics
+        m.requests.labels(ex.route, ex.pool, ex.backend, str(status)).inc()
+        m.duration.labels(ex.route, ex.pool).observe(asyncio.get_running_loop().time() - ex.started)
+
+
+async def _relay(
+    upstream: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes, wd: Watchdog
+) -> None:
+    """Copy the body chunk by chunk, as it arrives; no buffering."""
+    if not first:
+        return
+    loop = asyncio.get_running_loop()
+    await resp.write(first)
+    read = upstream.content.readany
+    write = resp.write
+    while chunk := await read():
+        await write(chunk)
+        wd.last = loop.time()
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _expiry(wd: Watchdog) -> str:
+    if wd.expired is Expiry.TOTAL:
+        return "upstream response exceeded the total timeout"
+    return "upstream went silent longer than the idle timeout"
