@@ -25,6 +25,11 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
+#: Seconds between two streamed chunks (inter-token latency): 1 ms to 10 s.
+GAP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
 #: Label value used when no backend or route was involved.
 NONE = "none"
 
@@ -52,6 +57,25 @@ class Metrics:
             " (time to first token for streams).",
             ("route", "pool", "backend"),
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_chunk = Histogram(
+            "llmproxy_inter_token_seconds",
+            "Gap between two relayed chunks of a streamed response (inter-token latency).",
+            ("route", "pool"),
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmproxy_tokens",
+            "Tokens reported in responses' usage, by kind (prompt, completion).",
+            ("route", "pool", "kind"),
+            registry=r,
+        )
+        self.midstream_failures = Counter(
+            "llmproxy_midstream_failures",
+            "Responses that failed after the commit point (streams end with an SSE error event).",
+            ("pool", "backend"),
             registry=r,
         )
         self.upstream_cancelled = Counter(

@@ -15,6 +15,7 @@ import time
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Histogram
 
 from llmproxy.errors import NoEligibleBackend, sse_error_event
 from llmproxy.observability.metrics import NONE, Metrics
@@ -23,6 +24,7 @@ from llmproxy.pool.pool import Pool
 from llmproxy.resilience.retry import RetryableError, parse_retry_after
 from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.headers import client_response_headers
+from llmproxy.upstream.usage import find_usage
 from llmproxy.upstream.watchdog import Expiry, Watchdog
 
 log = logging.getLogger("llmproxy.upstream")
@@ -102,11 +104,13 @@ class AttemptRunner:
                 first = await upstream.content.readany()
             except aiohttp.ClientError as exc:
                 verdict = False
+                ex.outcome = "upstream_error"
                 self._count_error(pool, backend, "connect")
                 raise RetryableError("connect", _describe(exc), None, None) from exc
             except asyncio.CancelledError:
                 if wd.absorb():
                     verdict = False
+                    ex.outcome = "timeout"
                     self._count_error(pool, backend, "timeout")
                     raise RetryableError(
                         "timeout", f"no first byte within {timeouts.first_byte_s:g}s", None, None
@@ -118,7 +122,8 @@ class AttemptRunner:
 
             # Commit point: from here on the client sees what happens.
             wd.last = now = loop.time()
-            ttfb = now - ex.started
+            ex.ttfb_s = ttfb = now - ex.started
+            ex.status = status
             verdict = status < 500
             resp = web.StreamResponse(
                 status=status, headers=client_response_headers(upstream.headers)
@@ -126,9 +131,11 @@ class AttemptRunner:
             self.finish_headers(resp, ex)
             await resp.prepare(request)
             self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
-            is_sse = upstream.content_type == "text/event-stream"
+            is_sse = ex.stream = upstream.content_type == "text/event-stream"
+            ex.outcome = "ok" if verdict else "upstream_error"
+            gaps = self._metrics.inter_chunk.labels(ex.route, ex.pool) if is_sse else None
             try:
-                await _relay(upstream, resp, first, wd)
+                tail = await _relay(upstream, resp, first, wd, ex=ex, gaps=gaps)
             except asyncio.CancelledError:
                 if wd.absorb():
                     verdict = False
@@ -152,7 +159,9 @@ class AttemptRunner:
                 )
             else:
                 await resp.write_eof()
-            self.observe(ex, status)
+                usage = find_usage(tail)
+                if usage is not None:
+                    ex.prompt_tokens, ex.completion_tokens = usage
             return resp
         except (asyncio.CancelledError, _ClientGone) as exc:
             verdict = None
@@ -162,6 +171,7 @@ class AttemptRunner:
                 raise NoEligibleBackend(ex.aborting, headers={"Retry-After": "1"}) from None
             # The client went away (or the server is stopping): close the
             # upstream connection now so the replica stops generating.
+            ex.status, ex.outcome = 499, "client_closed"
             if upstream is not None:
                 upstream.close()
             self._metrics.upstream_cancelled.labels(ex.pool, ex.backend).inc()
@@ -196,6 +206,8 @@ class AttemptRunner:
         message: str,
     ) -> None:
         self._count_error(pool, backend, "midstream")
+        self._metrics.midstream_failures.labels(pool.name, backend.name).inc()
+        ex.outcome, ex.error = "midstream_error", message
         log.warning("request %s on %s/%s: %s", ex.request_id, pool.name, backend.name, message)
         if is_sse:
             try:
@@ -217,25 +229,42 @@ class AttemptRunner:
             h["x-llmproxy-pool"] = ex.pool
         h["x-llmproxy-attempts"] = str(ex.attempts)
 
-    def observe(self, ex: Exchange, status: int) -> None:
-        m = self._metrics
-        m.requests.labels(ex.route, ex.pool, ex.backend, str(status)).inc()
-        m.duration.labels(ex.route, ex.pool).observe(asyncio.get_running_loop().time() - ex.started)
-
 
 async def _relay(
-    upstream: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes, wd: Watchdog
-) -> None:
-    """Copy the body chunk by chunk, as it arrives; no buffering."""
+    upstream: aiohttp.ClientResponse,
+    resp: web.StreamResponse,
+    first: bytes,
+    wd: Watchdog,
+    *,
+    ex: Exchange,
+    gaps: Histogram | None,
+) -> bytes:
+    """Copy the body chunk by chunk, as it arrives; no buffering.
+
+    Returns the last bytes relayed (where ``usage`` is); counts bytes into
+    ``ex``; observes the gap between chunks of a stream into ``gaps``.
+    """
     if not first:
-        return
+        return b""
     loop = asyncio.get_running_loop()
     await resp.write(first)
     read = upstream.content.readany
     write = resp.write
-    while chunk := await read():
-        await write(chunk)
-        wd.last = loop.time()
+    sent = len(first)
+    prev, last = b"", first
+    then = wd.last or loop.time()
+    try:
+        while chunk := await read():
+            await write(chunk)
+            sent += len(chunk)
+            prev, last = last, chunk
+            now = loop.time()
+            if gaps is not None:
+                gaps.observe(now - then)
+            wd.last = then = now
+    finally:
+        ex.bytes_sent = sent
+    return prev[-1024:] + last[-4096:]
 
 
 def _uncancel() -> None:

@@ -31,6 +31,18 @@ class Exchange:
     #: Set when the gateway ends this request itself (shutdown after the
     #: drain timeout): the message for the client.
     aborting: str | None = None
+    # -- the outcome, filled in as the request goes (RequestOutcome) ----------
+    #: Status sent to the client; 499 if the client left first (nginx's code).
+    status: int = 499
+    #: Seconds from arrival to the first body byte sent to the client.
+    ttfb_s: float | None = None
+    bytes_sent: int = 0
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    #: ok, client_closed, upstream_error, midstream_error, timeout, rejected...
+    outcome: str = "client_closed"
+    error: str | None = None
 
 
 @dataclass(slots=True)

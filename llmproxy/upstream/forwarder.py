@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -51,7 +51,11 @@ class Forwarder:
         rng: random.Random,
         runtime: Callable[[], Runtime],
         max_body_bytes: int,
+        on_finish: Sequence[Callable[[Exchange, float], None]] = (),
     ) -> None:
+        """``on_finish`` hooks get every request's outcome once, at its end (access
+        log, rate-limit settlement, canary analysis); they must not block."""
+        self._on_finish = tuple(on_finish)
         self._metrics = metrics
         self._rng = rng
         self._runtime = runtime
@@ -73,12 +77,30 @@ class Forwarder:
         except ProxyError as exc:
             resp = proxy_error_response(exc)
             self._attempt.finish_headers(resp, ex)
-            self._attempt.observe(ex, exc.status)
+            ex.status, ex.error = exc.status, exc.message
+            ex.outcome = "rejected" if exc.status < 500 else ex.outcome
+            if ex.outcome == "client_closed":  # nothing upstream said otherwise
+                ex.outcome = "upstream_error"
             return resp
         finally:
             self._active.discard(ex)
             if self._idle is not None and not self._active:
                 self._idle.set()
+            self._finish(ex, loop.time())
+
+    def _finish(self, ex: Exchange, now: float) -> None:
+        """The single place where a request's outcome is reported."""
+        m = self._metrics
+        m.requests.labels(ex.route, ex.pool, ex.backend, str(ex.status)).inc()
+        m.duration.labels(ex.route, ex.pool).observe(now - ex.started)
+        if ex.completion_tokens is not None and ex.prompt_tokens is not None:
+            m.tokens.labels(ex.route, ex.pool, "prompt").inc(ex.prompt_tokens)
+            m.tokens.labels(ex.route, ex.pool, "completion").inc(ex.completion_tokens)
+        for hook in self._on_finish:
+            try:
+                hook(ex, now)
+            except Exception:
+                log.exception("request %s: a finish hook failed", ex.request_id)
 
     @property
     def active_count(self) -> int:
@@ -190,8 +212,10 @@ class Forwarder:
             # most useful thing to pass on.
             resp = web.Response(status=error.status or 502, body=error.body, headers=error.headers)
             self._attempt.finish_headers(resp, ex)
-            self._attempt.observe(ex, resp.status)
+            ex.status, ex.outcome, ex.error = resp.status, "upstream_error", error.detail
             return resp
+        ex.error = error.detail
         if error.kind == "timeout":
+            ex.outcome = "timeout"
             raise UpstreamTimeout(f"upstream timed out: {error.detail}")
         raise UpstreamError(f"upstream unavailable: {error.detail}")

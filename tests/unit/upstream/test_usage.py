@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from llmproxy.upstream.usage import find_usage
+
+
+def test_non_streamed_body() -> None:
+    body = (
+        b'{"id":"x","choices":[{"message":{"content":"the usage of words"}}],'
+        b'"usage":{"prompt_tokens":12,"total_tokens":19,"completion_tokens":7}}'
+    )
+    assert find_usage(body) == (12, 7)
+
+
+def test_stream_tail_with_usage_chunk() -> None:
+    tail = (
+        b'data: {"choices":[],"usage":{"prompt_tokens": 3, "completion_tokens": 9}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert find_usage(tail) == (3, 9)
+
+
+def test_no_usage() -> None:
+    assert find_usage(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n') is None
+    assert find_usage(b'{"usage": null}') is None
+    assert find_usage(b"") is None
