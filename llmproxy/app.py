@@ -100,8 +100,12 @@ async def serve(
     *,
     on_listening: Callable[[Listening], None] | None = None,
     stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Run the gateway until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    """Run the gateway until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    ``reuse_port``: this process is one of several workers on the same port.
+    """
     gateway = Gateway(config)
     runner = web.AppRunner(
         build_app(gateway),
@@ -112,7 +116,7 @@ async def serve(
     )
     await runner.setup()
     srv = config.server
-    await web.TCPSite(runner, srv.host, srv.port, backlog=4096, reuse_port=srv.workers > 1).start()
+    await web.TCPSite(runner, srv.host, srv.port, backlog=4096, reuse_port=reuse_port).start()
     admin_runner: web.AppRunner | None = None
     if config.admin.enabled:
         admin_runner = web.AppRunner(build_admin_app(gateway), access_log=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
@@ -45,13 +46,25 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llmproxy: invalid config {ns.config}:\n{exc}", file=sys.stderr)
         return 2
-    if config.server.workers > 1:
-        print("llmproxy: server.workers > 1 is not supported yet; use 1", file=sys.stderr)
-        return 2
 
     def announce(where: Listening) -> None:
         print(f"llmproxy listening on {where.url} (admin: {where.admin_url})", flush=True)
 
+    if ns.worker_index is not None:
+        # One of server.workers processes: same port, private loopback admin.
+        server = dataclasses.replace(config.server, port=ns.port)
+        admin = dataclasses.replace(config.admin, host="127.0.0.1", port=0, enabled=True)
+        config = dataclasses.replace(config, server=server, admin=admin)
+        return _run(serve(config, on_listening=announce, reuse_port=True))
+    if config.server.workers > 1:
+        from llmproxy.workers import Supervisor  # noqa: PLC0415
+
+        sup = Supervisor(config, ns.config)
+
+        def announce_all(url: str, admin_url: str) -> None:
+            print(f"llmproxy listening on {url} (admin: {admin_url})", flush=True)
+
+        return _run(sup.run(on_listening=announce_all))
     return _run(serve(config, on_listening=announce))
 
 
@@ -92,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", required=True, help="YAML config file")
+    # Internal: set by the supervisor when server.workers > 1.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file; exit 1 on errors")

@@ -35,7 +35,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _require_token(token: str | None) -> Callable[[_Handler], _Handler]:
+def require_token(token: str | None) -> Callable[[_Handler], _Handler]:
     expected = f"Bearer {token}".encode() if token else None
 
     def wrap(handler: _Handler) -> _Handler:
@@ -160,7 +160,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         raise AdminConfigError(
             f"admin.token: the admin listener on {cfg.host} is not loopback-only; set a token"
         )
-    guard = _require_token(cfg.token)
+    guard = require_token(cfg.token)
     app = web.Application()
     app[GATEWAY] = gateway
     app.router.add_get("/healthz", _healthz)
