@@ -42,6 +42,7 @@ class Runtime:
                 clock=clock,
                 events=events,
                 previous=old.get(name),
+                running=previous is not None,
             )
             for name, pc in config.pools.items()
         }

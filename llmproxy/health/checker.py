@@ -193,7 +193,7 @@ class HealthChecker:
                 self._drop(name)
                 b = None
             if b is None:
-                b = _Backend(target, str(target.base_url), self._new_hysteresis())
+                b = _Backend(target, str(target.base_url), self._new_hysteresis(target))
                 self._backends[name] = b
             b.target = target
             if b.task is None or b.task.done():
@@ -201,9 +201,13 @@ class HealthChecker:
                     log.error("health: task of %s died; restarting it", name)
                 b.task = asyncio.create_task(self._watch(b), name=f"{TASK_PREFIX}{name}")
 
-    def _new_hysteresis(self) -> Hysteresis:
+    def _new_hysteresis(self, target: CheckTarget) -> Hysteresis:
+        """Start from the target's own verdict when it has one: a backend added
+        by a reload is held out until it passes its checks, while the backends
+        a gateway starts with are presumed healthy so it serves at once."""
         cfg = self._cfg
-        return Hysteresis(cfg.healthy_threshold, cfg.unhealthy_threshold, self._initially_healthy)
+        initially = getattr(target, "healthy", self._initially_healthy)
+        return Hysteresis(cfg.healthy_threshold, cfg.unhealthy_threshold, bool(initially))
 
     def _drop(self, name: str) -> None:
         b = self._backends.pop(name)

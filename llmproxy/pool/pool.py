@@ -45,9 +45,14 @@ class Pool:
         clock: Callable[[], float],
         events: PoolEvents,
         previous: Pool | None = None,
+        running: bool = False,
     ) -> None:
         """Build a pool; with ``previous`` (a reload), backends with the same
-        name and URL keep their state, and so do the budget and detector."""
+        name and URL keep their state, and so do the budget and detector.
+
+        ``running``: the gateway is already serving (a reload or discovery), so
+        new backends wait for their health checks and start in slow start.
+        """
         self.config = config
         self.name = config.name
         self.clock = clock
@@ -64,8 +69,11 @@ class Pool:
             backend = old.pop((bc.name, bc.url), None)
             if backend is None:
                 backend = Backend(bc, self._make_breaker(bc.name))
-                if previous is not None:  # joined by a reload: cold cache
-                    backend.start_ramp(now, config.slow_start_s)
+                if running:  # joined by a reload (or discovery)
+                    backend.start_ramp(now, config.slow_start_s)  # cold cache
+                    if config.health.enabled:  # no traffic before it passes checks
+                        backend.healthy = False
+                        backend.health_detail = "awaiting its first health checks"
             else:
                 backend.config = bc
                 backend.weight = bc.weight
