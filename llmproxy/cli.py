@@ -95,6 +95,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from llmproxy import sim  # noqa: PLC0415
+    from llmproxy.admin.status_cli import add_status_arguments, run_status  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="llmproxy", description="Resilient load-balancing reverse proxy for LLM inference."
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sim", help="run a simulated vLLM/TGI replica")
     sim.add_arguments(p)
     p.set_defaults(func=_cmd_sim)
+
+    p = sub.add_parser("status", help="pools and backends from the admin API, like kubectl get")
+    add_status_arguments(p)
+    p.set_defaults(func=run_status)
 
     p = sub.add_parser("demo", help="three simulated replicas and a gateway in front of them")
     p.add_argument("--host", default="127.0.0.1")

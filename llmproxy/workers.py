@@ -37,6 +37,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.admin.api import require_token
+from llmproxy.admin.status_page import status_page_handler
 from llmproxy.config.schema import Config
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class Supervisor:
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
+        app.router.add_get("/", status_page_handler)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", self._ready)
         app.router.add_get("/metrics", self._metrics)

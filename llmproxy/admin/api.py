@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from llmproxy.admin.status_page import status_page_handler
 from llmproxy.errors import NotFound, Unauthorized, proxy_error_response
 from llmproxy.keys import GATEWAY
 
@@ -163,6 +164,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     guard = require_token(cfg.token)
     app = web.Application()
     app[GATEWAY] = gateway
+    app.router.add_get("/", status_page_handler)  # no data in it: its fetches send the token
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
