@@ -1,0 +1,332 @@
+"""JSON access log: one line per request, written by a thread of its own.
+
+The request path only builds an :class:`AccessEntry` and calls
+:meth:`AccessLog.record`, which appends it to a deque and returns: no
+formatting, no serialisation, no I/O and no lock on the event loop, so a slow
+disk or a blocked stdout pipe can never stall a stream. A writer thread wakes
+every ``flush_interval_s`` (or at :meth:`AccessLog.stop`), turns the waiting
+entries into JSON lines (timestamps formatted there too) and writes them in one
+``write`` + ``flush`` per batch.
+
+Memory is bounded: at most ``max_pending`` entries wait (queued or being
+written). Past that, :meth:`~AccessLog.record` refuses the entry and counts it
+in :attr:`AccessLog.dropped`; losing log lines under a stalled sink is the
+lesser harm than growing without bound or blocking requests.
+
+What is never logged, by construction: the API key, the ``Authorization``
+header or any other header (an entry has no field that could hold one; the
+tenant appears only as its configured ``api_key_name``), query strings (they
+can carry secrets such as ``?api_key=``; ``path`` is cut at ``?`` in the
+writer even if a caller passes one), and prompt text, unless the operator set
+``log_prompts: true``; even then it is cut to ``prompt_max_chars``.
+
+Threading contract: :meth:`~AccessLog.record` is called from one thread (the
+event loop's); :meth:`~AccessLog.start` and :meth:`~AccessLog.stop` from any
+one thread, stop after the listener has stopped taking requests. Each counter
+is written by exactly one thread, so none needs a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TextIO
+
+log = logging.getLogger(__name__)
+
+#: The values of ``AccessEntry.outcome``.
+OUTCOMES = (
+    "ok",
+    "client_closed",
+    "upstream_error",
+    "midstream_error",
+    "timeout",
+    "ratelimited",
+    "rejected",
+)
+
+_BATCH_MAX = 1000  # lines per write: bounds the size of one joined string
+_PATH_MAX = 2048
+_ERROR_MAX = 500
+
+
+class Sink(Protocol):
+    def write(self, text: str, /) -> object: ...
+    def flush(self) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """YAML section ``access_log:``."""
+
+    enabled: bool = True
+    #: ``-`` for stdout, else a file opened for appending (reopened when
+    #: logrotate moves it away).
+    path: str = "-"
+    #: Include the prompt (cut to ``prompt_max_chars``) as ``prompt``. Off by
+    #: default: prompts are user data and may hold secrets.
+    log_prompts: bool = False
+    prompt_max_chars: int = 200
+    #: Entries allowed to wait for the writer; more are dropped and counted.
+    max_pending: int = 10_000
+    #: How often the writer wakes to write what has arrived, in seconds.
+    flush_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.prompt_max_chars < 0:
+            raise ValueError("access_log.prompt_max_chars must be >= 0")
+        if self.max_pending < 1:
+            raise ValueError("access_log.max_pending must be >= 1")
+        if self.flush_interval_s <= 0:
+            raise ValueError("access_log.flush_interval_s must be > 0")
+        if not self.path:
+            raise ValueError("access_log.path must be '-' (stdout) or a file path")
+
+
+@dataclass(slots=True, kw_only=True)
+class AccessEntry:
+    """One finished request, as the request path knows it.
+
+    Plain values only, so building one on the loop is cheap; once passed to
+    :meth:`AccessLog.record` it belongs to the writer and must not be changed.
+    Times are milliseconds except ``time``; ``None`` means "not known" (no
+    backend reached, no usage reported, no byte sent).
+    """
+
+    #: Wall-clock arrival of the request, epoch seconds (``time.time()``);
+    #: written as ISO 8601 UTC with milliseconds.
+    time: float
+    request_id: str
+    method: str
+    #: URL path without the query string.
+    path: str
+    route: str | None
+    pool: str | None
+    backend: str | None
+    attempts: int
+    status: int
+    ttfb_ms: float | None
+    duration_ms: float
+    bytes_sent: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    client_ip: str | None
+    #: The configured name of the tenant's key, never the key itself.
+    api_key_name: str | None
+    stream: bool
+    #: One of :data:`OUTCOMES`.
+    outcome: str
+    #: Short text when something went wrong.
+    error: str | None = None
+    #: Only when the config sets ``log_prompts``; ignored otherwise.
+    prompt: str | None = None
+    #: W3C trace id (32 hex digits) when tracing is on, to join logs and traces.
+    trace_id: str | None = None
+
+
+class AccessLog:
+    def __init__(self, config: AccessLogConfig, *, sink: Sink | None = None) -> None:
+        """``sink`` replaces ``config.path`` (tests, embedding); it is flushed
+        but never closed here."""
+        self._cfg = config
+        self._given_sink = sink
+        self._queue: deque[AccessEntry] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._enqueued = 0  # loop thread only
+        self._done = 0  # writer thread only: written or failed
+        #: Entries refused because ``max_pending`` were waiting, or recorded
+        #: after stop. Written by the recording thread.
+        self.dropped = 0
+        #: Lines written. Written by the writer thread.
+        self.written = 0
+        #: Lines lost because the sink raised. Written by the writer thread.
+        self.write_errors = 0
+
+    @property
+    def enabled(self) -> bool:
+        """When False, the request path may skip building entries at all."""
+        return self._cfg.enabled
+
+    @property
+    def wants_prompt(self) -> bool:
+        """Whether the request path should supply ``AccessEntry.prompt``."""
+        return self._cfg.log_prompts
+
+    @property
+    def pending(self) -> int:
+        """Entries recorded and not yet written (approximate off the loop)."""
+        return self._enqueued - self._done
+
+    # -- the loop side ---------------------------------------------------------
+
+    def record(self, entry: AccessEntry) -> bool:
+        """Hand one entry to the writer; never blocks. False if it was dropped."""
+        if not self._cfg.enabled:
+            return False
+        if not self._accepting or self._enqueued - self._done >= self._cfg.max_pending:
+            self.dropped += 1
+            return False
+        if entry.prompt is not None:
+            # Cut here, not in the writer, so a queue of long prompts cannot
+            # hold megabytes; drop it entirely unless prompts are logged.
+            if self._cfg.log_prompts:
+                entry.prompt = entry.prompt[: self._cfg.prompt_max_chars]
+            else:
+                entry.prompt = None
+        self._enqueued += 1
+        self._queue.append(entry)
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the file (errors raise here, at startup) and start the writer.
+
+        Idempotent; a stopped log cannot be started again.
+        """
+        if not self._accepting:
+            raise RuntimeError("access log was stopped; build a new one")
+        if not self._cfg.enabled or self._thread is not None:
+            return
+        writer = _Writer(self._cfg.path, self._given_sink)
+        self._thread = threading.Thread(
+            target=self._run, args=(writer,), name="llmproxy-access-log", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Write everything recorded so far, close the file and join the thread.
+
+        Blocks up to ``timeout_s`` (a stuck sink): call it from a worker thread
+        (``await asyncio.to_thread(access_log.stop)``) in the app's cleanup.
+        Idempotent; entries recorded afterwards are counted as dropped.
+        """
+        self._accepting = False
+        thread = self._thread
+        if thread is None:
+            return
+        self._wake.set()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning(
+                "access log writer did not finish within %.1fs; %d lines unwritten",
+                timeout_s,
+                self.pending,
+            )
+
+    # -- the writer thread ---------------------------------------------------------
+
+    def _run(self, writer: _Writer) -> None:
+        try:
+            while True:
+                stopping = self._wake.wait(self._cfg.flush_interval_s)
+                while self._queue:
+                    self._write_batch(writer)
+                if stopping:
+                    return
+        finally:
+            writer.close()
+
+    def _write_batch(self, writer: _Writer) -> None:
+        entries: list[AccessEntry] = []
+        try:
+            while len(entries) < _BATCH_MAX:
+                entries.append(self._queue.popleft())
+        except IndexError:
+            pass
+        try:
+            writer.write("".join([self._format(e) for e in entries]))
+        except Exception:  # isolation boundary: the writer thread must live on
+            if writer.healthy:
+                log.exception("access log: writing %d lines failed", len(entries))
+            writer.healthy = False
+            self.write_errors += len(entries)
+        else:
+            if not writer.healthy:
+                log.info("access log: writing works again")
+            writer.healthy = True
+            self.written += len(entries)
+        finally:
+            self._done += len(entries)
+
+    def _format(self, e: AccessEntry) -> str:
+        record: dict[str, Any] = {
+            "time": _iso_utc(e.time),
+            "request_id": e.request_id,
+            "method": e.method,
+            "path": e.path.partition("?")[0][:_PATH_MAX],
+            "route": e.route,
+            "pool": e.pool,
+            "backend": e.backend,
+            "attempts": e.attempts,
+            "status": e.status,
+            "ttfb_ms": None if e.ttfb_ms is None else round(e.ttfb_ms, 3),
+            "duration_ms": round(e.duration_ms, 3),
+            "bytes_sent": e.bytes_sent,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "client_ip": e.client_ip,
+            "api_key_name": e.api_key_name,
+            "stream": e.stream,
+            "outcome": e.outcome,
+            "error": None if e.error is None else e.error[:_ERROR_MAX],
+            "trace_id": e.trace_id,
+        }
+        if self._cfg.log_prompts and e.prompt is not None:
+            record["prompt"] = e.prompt[: self._cfg.prompt_max_chars]
+        return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+
+
+class _Writer:
+    """The sink the writer thread writes to; reopens a file that was rotated."""
+
+    def __init__(self, path: str, given: Sink | None) -> None:
+        self.healthy = True
+        self._path: str | None = None
+        self._file: TextIO | None = None
+        if given is not None:
+            self._sink: Sink = given
+        elif path == "-":
+            self._sink = sys.stdout
+        else:
+            self._path = path
+            self._sink = self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, text: str) -> None:
+        if self._path is not None and self._file is not None:
+            self._reopen_if_rotated(self._path, self._file)
+        self._sink.write(text)
+        self._sink.flush()
+
+    def _reopen_if_rotated(self, path: str, current: TextIO) -> None:
+        try:
+            on_disk = os.stat(path)
+        except FileNotFoundError:
+            on_disk = None
+        mine = os.fstat(current.fileno())
+        if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino):
+            new = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            current.close()
+            self._sink = self._file = new
+
+    def close(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+            else:
+                self._sink.flush()
+        except (OSError, ValueError):
+            log.warning("access log: closing the sink failed", exc_info=True)
+
+
+def _iso_utc(epoch_s: float) -> str:
+    """``2024-05-01T12:00:00.123Z``."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
