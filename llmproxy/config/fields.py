@@ -105,6 +105,16 @@ BOUNDS: Mapping[str, Bound] = types.MappingProxyType(
         "requests_per_minute": _POSITIVE,
         "tokens_per_minute": _POSITIVE,
         "max_concurrent": _AT_LEAST_ONE,
+        "redis_timeout_s": _POSITIVE,
+        "window_s": _POSITIVE,
+        "min_samples": _AT_LEAST_ONE,
+        "max_error_rate_increase": Bound(0, 1),
+        "max_ttfb_p95_ratio": Bound(1),
+        "step_interval_s": _POSITIVE,
+        "prompt_max_chars": _NOT_NEGATIVE,
+        "sample_ratio": Bound(0, 1),
+        "refresh_s": _POSITIVE,
+        "empty_after": _AT_LEAST_ONE,
     }
 )
 
@@ -244,7 +254,15 @@ def require(data: Mapping[str, object], key: str, path: str, issues: Issues) -> 
     return data[key]
 
 
-def read_field(hint: object, value: object, path: str, issues: Issues, name: str) -> object:
+def read_field(
+    hint: object,
+    value: object,
+    path: str,
+    issues: Issues,
+    name: str,
+    *,
+    bounds: Mapping[str, Bound] = BOUNDS,
+) -> object:
     """Read ``value`` for a field annotated ``hint`` (a scalar type, optionally ``| None``)."""
     args = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
     optional = type(None) in args
@@ -259,7 +277,7 @@ def read_field(hint: object, value: object, path: str, issues: Issues, name: str
     if kind is bool:
         return read_bool(value, path, issues)
     if kind is int or kind is float:
-        return read_number(value, path, issues, integer=kind is int, bound=BOUNDS.get(name))
+        return read_number(value, path, issues, integer=kind is int, bound=bounds.get(name))
     raise TypeError(f"field {name!r}: unsupported annotation {hint!r}")
 
 
@@ -274,16 +292,28 @@ def build_section(cls: type[_D], value: object, path: str, issues: Issues, base:
 
 
 def apply_fields(
-    cls: type[_D], data: Mapping[str, object], path: str, issues: Issues, base: _D
+    cls: type[_D],
+    data: Mapping[str, object],
+    path: str,
+    issues: Issues,
+    base: _D,
+    *,
+    bounds: Mapping[str, Bound] = BOUNDS,
 ) -> _D:
-    """Like :func:`build_section`, for a mapping already read."""
+    """Like :func:`build_section`, for a mapping already read.
+
+    ``bounds`` replaces :data:`BOUNDS` for a section whose field means less
+    there than elsewhere (a discovered ``port`` cannot be 0).
+    """
     names = [f.name for f in fields(cls)]
     check_keys(data, names, path, issues)
     hints = get_type_hints(cls)
     changes: dict[str, object] = {}
     for name in names:
         if name in data:
-            read = read_field(hints[name], data[name], key_path(path, name), issues, name)
+            read = read_field(
+                hints[name], data[name], key_path(path, name), issues, name, bounds=bounds
+            )
             if not isinstance(read, Invalid):
                 changes[name] = read
     return replace(base, **changes)

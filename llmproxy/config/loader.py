@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from llmproxy.config.env import EnvScalar, interpolate
 from llmproxy.config.errors import ConfigError, Issues, index_path, key_path
+from llmproxy.config.features import build_access_log, build_auth, build_tracing
 from llmproxy.config.fields import (
     apply_fields,
     build_section,
@@ -34,11 +35,23 @@ from llmproxy.config.schema import (
     RateLimitsConfig,
     ServerConfig,
 )
-from llmproxy.config.values import RATE_LIMIT_KEYS, Problem, parse_key_mode
+from llmproxy.config.values import RATE_LIMIT_KEYS, Problem, name_problem, parse_key_mode
 from llmproxy.config.yaml_source import read_yaml_file
 
-_TOP_KEYS = ("server", "admin", "defaults", "pools", "routes", "rate_limits")
-_RATE_LIMIT_KEYS = ("store", "on_store_error", "rules")
+_TOP_KEYS = (
+    "server",
+    "admin",
+    "defaults",
+    "pools",
+    "routes",
+    "rate_limits",
+    "auth",
+    "access_log",
+    "tracing",
+)
+#: ``rate_limits`` keys read with the schema's types and bounds.
+_RATE_LIMIT_SCALARS = ("redis_timeout_s", "key_prefix")
+_RATE_LIMIT_KEYS = ("store", "on_store_error", "rules", *_RATE_LIMIT_SCALARS)
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent")
 _ON_STORE_ERROR = ("allow", "deny")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -93,6 +106,9 @@ def _build(data: object, issues: Issues, source: str | None) -> Config | None:
         server=server,
         admin=admin,
         rate_limits=rate_limits,
+        auth=build_auth(top.get("auth"), issues),
+        access_log=build_access_log(top.get("access_log"), issues),
+        tracing=build_tracing(top.get("tracing"), issues),
         source=source,
     )
 
@@ -175,7 +191,11 @@ def _build_rate_limits(value: object, issues: Issues) -> RateLimitsConfig:
         elif isinstance(text, str):
             on_error = text
     rules = _build_rules(data.get("rules"), key_path(path, "rules"), issues)
-    return RateLimitsConfig(store=config.store, on_store_error=on_error, rules=rules)
+    scalars = {k: data[k] for k in _RATE_LIMIT_SCALARS if k in data}
+    config = apply_fields(RateLimitsConfig, scalars, path, issues, config)
+    if "key_prefix" in data and not config.key_prefix.strip():
+        issues.add(key_path(path, "key_prefix"), "must not be empty")
+    return replace(config, on_store_error=on_error, rules=rules)
 
 
 def _store_problem(store: str) -> str | None:
@@ -198,6 +218,7 @@ def _build_rules(value: object, path: str, issues: Issues) -> tuple[RateLimitRul
     if items is None:
         return ()
     rules: list[RateLimitRule] = []
+    names: dict[str, int] = {}
     for i, item in enumerate(items):
         item_path = index_path(path, i)
         data = read_mapping(item, item_path, issues)
@@ -215,5 +236,19 @@ def _build_rules(value: object, path: str, issues: Issues) -> tuple[RateLimitRul
                 rule = replace(rule, key=mode)
         if not any(name in data and not is_null(data[name]) for name in _LIMITS):
             issues.add(item_path, f"set at least one of {', '.join(_LIMITS)}")
+        if rule.name is not None:
+            _check_rule_name(rule.name, key_path(item_path, "name"), names, i, issues)
         rules.append(rule)
     return tuple(rules)
+
+
+def _check_rule_name(
+    name: str, path: str, names: dict[str, int], index: int, issues: Issues
+) -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        issues.add(path, f"rule name {problem}")
+    elif name in names:
+        issues.add(path, f"duplicate rule name {name!r} (also rules[{names[name]}])")
+    else:
+        names[name] = index

@@ -1,12 +1,15 @@
 """Pools and their backends, with the top-level ``defaults:`` applied first.
 
-``defaults:`` takes any pool key except ``backends``; a pool's own sections
-are merged over it key by key, so a pool can change one timeout and keep the
-rest of the fleet-wide ones.
+``defaults:`` takes any pool key except ``backends`` and ``discovery``; a
+pool's own sections are merged over it key by key, so a pool can change one
+timeout and keep the rest of the fleet-wide ones. A pool lists its
+``backends`` or finds them in DNS (``discovery``), not both: discovery
+replaces the whole list.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -14,7 +17,9 @@ from typing import TypeVar
 from llmproxy.config.env import EnvScalar, Unresolved
 from llmproxy.config.errors import Issues, index_path, key_path
 from llmproxy.config.fields import (
+    BOUNDS,
     INVALID,
+    Bound,
     Invalid,
     apply_fields,
     build_section,
@@ -31,6 +36,7 @@ from llmproxy.config.schema import (
     BALANCERS,
     BackendConfig,
     BreakerConfig,
+    DiscoveryConfig,
     HealthConfig,
     OutlierConfig,
     PoolConfig,
@@ -39,8 +45,10 @@ from llmproxy.config.schema import (
 )
 from llmproxy.config.values import (
     HASH_KEY_MODES,
+    URL_SCHEMES,
     BackendAddress,
     Problem,
+    dns_name_problem,
     name_problem,
     parse_backend_url,
     parse_key_mode,
@@ -49,7 +57,7 @@ from llmproxy.config.values import (
 _S = TypeVar("_S", HealthConfig, BreakerConfig, RetryConfig, TimeoutsConfig, OutlierConfig)
 
 #: Pool-level scalars, read with the schema's types and bounds.
-_SCALAR_KEYS = ("slow_start_s", "panic_mode")
+_SCALAR_KEYS = ("slow_start_s", "panic_mode", "api_key")
 _SETTINGS_KEYS = (
     "balancer",
     "hash_key",
@@ -60,8 +68,10 @@ _SETTINGS_KEYS = (
     "outlier",
     *_SCALAR_KEYS,
 )
-_POOL_KEYS = ("backends", *_SETTINGS_KEYS)
+_POOL_KEYS = ("backends", "discovery", *_SETTINGS_KEYS)
 _BACKEND_KEYS = ("url", "weight", "name")
+#: A discovered address needs a real port; 0 ("any free port") means nothing here.
+_DISCOVERY_BOUNDS = types.MappingProxyType({**BOUNDS, "port": Bound(1, 65535)})
 
 
 def build_defaults(value: object, issues: Issues) -> PoolConfig:
@@ -103,9 +113,24 @@ def _build_pool(
     check_keys(data, _POOL_KEYS, path, issues)
     pool = _apply_settings(data, path, template, issues)
     backends_path = key_path(path, "backends")
-    backends = _build_backends(require(data, "backends", path, issues), backends_path, issues)
+    discovery: DiscoveryConfig | None = None
+    backends: tuple[BackendConfig, ...] = ()
+    if not is_null(data.get("discovery")):
+        discovery = _build_discovery(data["discovery"], key_path(path, "discovery"), issues)
+        listed = data.get("backends")
+        items = None if is_null(listed) else read_list(listed, backends_path, issues)
+        if items:
+            issues.add(
+                path,
+                "give either 'backends' or 'discovery', not both"
+                " (discovery replaces the backend list)",
+            )
+    elif "backends" not in data:
+        issues.add(path, "needs 'backends' (a list of URLs) or 'discovery' (a DNS name)")
+    else:
+        backends = _build_backends(data["backends"], backends_path, issues)
     _check_consistency(pool, path, issues)
-    return replace(pool, name=name, backends=backends)
+    return replace(pool, name=name, backends=backends, discovery=discovery)
 
 
 def _apply_settings(
@@ -147,6 +172,12 @@ def _apply_settings(
         issues.add(deep_path, f"must start with '/', got {health.deep_path!r}")
     scalars = {k: data[k] for k in _SCALAR_KEYS if k in data}
     base = apply_fields(PoolConfig, scalars, path, issues, base) if scalars else base
+    if "api_key" in data and base.api_key is not None:
+        # ``${VLLM_API_KEY:-}`` left empty means no key of the pool's own.
+        api_key = base.api_key.strip() or None
+        if api_key is not None and any(ch.isspace() for ch in api_key):
+            issues.add(key_path(path, "api_key"), "must not contain whitespace")
+        base = replace(base, api_key=api_key)
     return replace(
         base,
         balancer=balancer,
@@ -176,12 +207,39 @@ def _check_consistency(pool: PoolConfig, path: str, issues: Issues) -> None:
             )
 
 
+def _build_discovery(value: object, path: str, issues: Issues) -> DiscoveryConfig | None:
+    """``{dns, port, scheme?, refresh_s?, empty_after?, timeout_s?}``; ``None`` if unusable."""
+    data = read_mapping(value, path, issues)
+    if data is None:
+        return None
+    dns_path = key_path(path, "dns")
+    dns = read_str(require(data, "dns", path, issues), dns_path, issues)
+    if isinstance(dns, str):
+        dns = dns.strip()
+        problem = dns_name_problem(dns)
+        if problem is not None:
+            issues.add(dns_path, problem)
+            dns = INVALID
+    if "port" not in data:
+        issues.add(key_path(path, "port"), "is required")
+    rest = {k: v for k, v in data.items() if k != "dns"}
+    base = DiscoveryConfig(dns="", port=0)
+    discovery = apply_fields(DiscoveryConfig, rest, path, issues, base, bounds=_DISCOVERY_BOUNDS)
+    scheme_ok = discovery.scheme in URL_SCHEMES
+    if not scheme_ok:
+        message = f"unknown scheme {discovery.scheme!r} (known: {', '.join(URL_SCHEMES)})"
+        issues.add(key_path(path, "scheme"), message)
+    if isinstance(dns, Invalid) or discovery.port == 0 or not scheme_ok:
+        return None
+    return replace(discovery, dns=dns)
+
+
 def _build_backends(value: object, path: str, issues: Issues) -> tuple[BackendConfig, ...]:
     items = read_list(value, path, issues)
     if items is None:
         return ()
     if not items:
-        issues.add(path, "must list at least one backend")
+        issues.add(path, "must list at least one backend (or set the pool's 'discovery')")
     backends: list[BackendConfig] = []
     urls: dict[str, int] = {}
     names: dict[str, int] = {}

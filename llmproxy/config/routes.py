@@ -2,25 +2,31 @@
 
 References to pools are checked against the names declared under ``pools:``
 (even a pool that has errors of its own), so one misspelt pool produces one
-message, not a cascade.
+message, not a cascade. A route's ``canary`` names two pools of its split (as
+written, so a split entry with a problem of its own is not reported again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 
+from llmproxy.config.env import EnvScalar
 from llmproxy.config.errors import Issues, index_path, key_path
 from llmproxy.config.fields import (
+    INVALID,
     Invalid,
+    apply_fields,
     check_keys,
     is_null,
     read_list,
     read_mapping,
+    read_number,
     read_str,
     read_weight,
     require,
 )
-from llmproxy.config.schema import RouteConfig, RouteMatch, SplitTarget
+from llmproxy.config.schema import CanaryConfig, RouteConfig, RouteMatch, SplitTarget
 from llmproxy.config.values import (
     STICKY_MODES,
     Problem,
@@ -29,9 +35,10 @@ from llmproxy.config.values import (
     parse_key_mode,
 )
 
-_ROUTE_KEYS = ("name", "match", "split", "pool", "sticky", "fallback")
+_ROUTE_KEYS = ("name", "match", "split", "pool", "sticky", "fallback", "canary")
 _MATCH_KEYS = ("model", "path_prefix", "header")
 _SPLIT_KEYS = ("pool", "weight")
+_CANARY_POOLS = ("canary_pool", "stable_pool")
 
 
 def build_routes(value: object, pools: Collection[str], issues: Issues) -> tuple[RouteConfig, ...]:
@@ -78,9 +85,15 @@ def _build_route(
         elif mode is not None:
             sticky = mode
     fallback = _build_fallback(data.get("fallback"), key_path(path, "fallback"), pools, issues)
+    canary = None
+    if not is_null(data.get("canary")):
+        canary_path = key_path(path, "canary")
+        canary = _build_canary(data["canary"], canary_path, _written_split(data), issues)
     if name is None:
         return None
-    return RouteConfig(name=name, match=match, split=split, sticky=sticky, fallback=fallback)
+    return RouteConfig(
+        name=name, match=match, split=split, sticky=sticky, fallback=fallback, canary=canary
+    )
 
 
 def _read_name(value: object, path: str, issues: Issues) -> str | None:
@@ -209,3 +222,71 @@ def _read_pool_ref(value: object, path: str, pools: Collection[str], issues: Iss
         issues.add(path, f"unknown pool {name!r} (known: {', '.join(sorted(pools))})")
         return None
     return name
+
+
+def _build_canary(
+    value: object, path: str, split_pools: list[str], issues: Issues
+) -> CanaryConfig | None:
+    """``{canary_pool, stable_pool, steps?, ...}``; ``None`` when a pool name is unusable."""
+    # policy.canary imports the config package, so it cannot be imported at the top.
+    from llmproxy.policy.canary import canary_problems  # noqa: PLC0415
+
+    data = read_mapping(value, path, issues)
+    if data is None:
+        return None
+    names = {
+        key: read_str(require(data, key, path, issues), key_path(path, key), issues)
+        for key in _CANARY_POOLS
+    }
+    steps = _read_steps(data.get("steps"), key_path(path, "steps"), issues)
+    rest = {k: v for k, v in data.items() if k not in (*_CANARY_POOLS, "steps")}
+    base = CanaryConfig(canary_pool="", stable_pool="")
+    canary = apply_fields(CanaryConfig, rest, path, issues, base)
+    canary_pool, stable_pool = names["canary_pool"], names["stable_pool"]
+    if isinstance(canary_pool, Invalid) or isinstance(stable_pool, Invalid):
+        return None
+    canary = replace(
+        canary,
+        canary_pool=canary_pool,
+        stable_pool=stable_pool,
+        steps=() if isinstance(steps, Invalid) else steps,
+    )
+    for key, message in canary_problems(canary, split_pools):
+        issues.add(key_path(path, key), message)
+    return canary
+
+
+def _read_steps(value: object, path: str, issues: Issues) -> tuple[float, ...] | Invalid:
+    """Canary weights in percent: each in (0, 100], rising strictly."""
+    if is_null(value):
+        return ()
+    items = read_list(value, path, issues)
+    if items is None:
+        return INVALID
+    steps: list[float] = []
+    valid = True
+    for i, item in enumerate(items):
+        item_path = index_path(path, i)
+        step = read_number(item, item_path, issues, integer=False)
+        if isinstance(step, Invalid):
+            valid = False
+        elif not 0 < step <= 100:
+            issues.add(item_path, f"must be a percentage in (0, 100], got {step:g}")
+            valid = False
+        elif steps and step <= steps[-1]:
+            message = f"must be greater than the step before ({steps[-1]:g}), got {step:g}"
+            issues.add(item_path, message)
+            valid = False
+        else:
+            steps.append(float(step))
+    return tuple(steps) if valid else INVALID
+
+
+def _written_split(data: Mapping[str, object]) -> list[str]:
+    """The pool names of a route's split as written, whether or not they are valid."""
+    written = [data.get("pool")]
+    split = data.get("split")
+    if isinstance(split, list):
+        written += [item.get("pool") for item in split if isinstance(item, dict)]
+    names = [item.text if isinstance(item, EnvScalar) else item for item in written]
+    return [name for name in names if isinstance(name, str)]

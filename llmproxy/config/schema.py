@@ -28,6 +28,10 @@ class ServerConfig:
     #: How long a graceful shutdown waits for in-flight requests.
     drain_timeout_s: float = 30.0
     workers: int = 1
+    #: Whether the client's ``X-Forwarded-For`` is believed when an ``ip`` key
+    #: (rate limits, ``sticky: ip``, ``hash_key: ip``) is worked out. Only true
+    #: behind a load balancer that sets it: otherwise any client can name any IP.
+    trust_forwarded_for: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +130,31 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """``pools.NAME.discovery``: the pool's backends are the addresses of a DNS name.
+
+    On Kubernetes, a headless Service: it resolves to the ready pods. The
+    discovered list replaces the pool's backends, each named ``ip:port``.
+    """
+
+    #: The name to resolve, e.g. ``vllm-headless.ns.svc.cluster.local``.
+    dns: str
+    #: The port of every discovered address (A and AAAA records carry none), 1..65535.
+    port: int
+    scheme: str = "http"
+    #: Seconds between two lookups.
+    refresh_s: float = 10.0
+    #: Answers with no address needed in a row before the pool is emptied, so
+    #: that one DNS blip does not drain the pool.
+    empty_after: int = 3
+    #: A lookup slower than this (seconds) is a failure: the last good list stays.
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
+    #: Empty when the backends come from ``discovery``.
     backends: tuple[BackendConfig, ...]
     balancer: str = "least_connections"
     #: For ``consistent_hash``: where the key comes from, as ``header:NAME``,
@@ -144,6 +171,12 @@ class PoolConfig:
     #: With no eligible backend: False refuses at once (503); True tries the
     #: backend that failed least recently (Envoy's panic routing).
     panic_mode: bool = False
+    #: Sent to the pool's replicas as ``Authorization: Bearer ...`` (vLLM's
+    #: ``--api-key``), in place of the client's; ``None`` sends none of its own.
+    #: A secret: kept out of ``repr``.
+    api_key: str | None = field(default=None, repr=False)
+    #: Backends from DNS instead of (or starting from an empty) ``backends``.
+    discovery: DiscoveryConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +197,33 @@ class SplitTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryConfig:
+    """``routes[i].canary``: automatic analysis of a canary against the stable pool.
+
+    Both pools are in the route's split; the analyser moves the canary's share
+    through ``steps`` while it stays within the margins and sets it to 0 when
+    it does not.
+    """
+
+    canary_pool: str
+    stable_pool: str
+    #: Seconds of outcomes compared.
+    window_s: float = 60.0
+    #: Outcomes needed on each side within the window before any verdict.
+    min_samples: int = 50
+    #: Absolute: canary 8 % vs stable 2 % is +0.06, over 0.05 → rollback.
+    max_error_rate_increase: float = 0.05
+    #: Canary TTFB p95 over stable TTFB p95 above this → rollback; at least 1.
+    max_ttfb_p95_ratio: float = 1.5
+    #: Canary weights in percent, each in (0, 100], rising strictly, e.g.
+    #: (5, 25, 50, 100); () = no promotion.
+    steps: tuple[float, ...] = ()
+    #: Seconds within the margins before the next step.
+    step_interval_s: float = 300.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: RouteMatch
@@ -172,6 +232,7 @@ class RouteConfig:
     sticky: str = "none"
     #: Pools tried, in order, when the split's pool cannot serve the request.
     fallback: tuple[str, ...] = ()
+    canary: CanaryConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +242,70 @@ class RateLimitRule:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     max_concurrent: int | None = None
+    #: Shown in metrics and logs; unique among the rules when set.
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitsConfig:
+    #: ``memory`` or a ``redis://`` / ``rediss://`` URL.
     store: str = "memory"
+    #: ``allow`` or ``deny`` while the store cannot be reached.
     on_store_error: str = "allow"
     rules: tuple[RateLimitRule, ...] = ()
+    #: A Redis call slower than this (seconds) counts as a store error.
+    redis_timeout_s: float = 0.1
+    #: Prepended to every Redis key, so that gateways can share one Redis.
+    key_prefix: str = "llmproxy:rl"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    """One entry of ``auth.keys``. Limits are per key; ``None`` means unlimited."""
+
+    name: str
+    #: SHA-256 of the key, 64 lower-case hex digits (``llmproxy hash-key``).
+    sha256: str
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_concurrent: int | None = None
+    #: The key may pick a pool directly (header override), for smoke tests.
+    can_target_pool: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``auth:``: client API keys; with ``enabled`` at least one key is required."""
+
+    enabled: bool = False
+    keys: tuple[ApiKeyConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """``access_log:``: one JSON line per finished request."""
+
+    enabled: bool = True
+    #: ``-`` for stdout, else a file opened for appending.
+    path: str = "-"
+    #: Include the prompt, cut to ``prompt_max_chars`` characters. Off by
+    #: default: prompts are user data and may hold secrets.
+    log_prompts: bool = False
+    prompt_max_chars: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """``tracing:``: OpenTelemetry spans, exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    #: ``service.name`` of the spans.
+    service_name: str = "llmproxy"
+    #: An http(s) URL, e.g. ``http://collector:4318/v1/traces``; ``None`` leaves
+    #: it to ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or the exporter's default.
+    otlp_endpoint: str | None = None
+    #: Share of new traces (no incoming ``traceparent``) recorded, 0..1.
+    sample_ratio: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,5 +315,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     #: The file this was loaded from, for reloads; ``None`` when built in code.
     source: str | None = None

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 #: RFC 9110 ``token``: what an HTTP header name may be made of.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+#: One label of a DNS name: up to 63 characters, no hyphen at either end.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _DEFAULT_PORTS: Mapping[str, int] = types.MappingProxyType({"http": 80, "https": 443})
 
 STICKY_MODES = ("none", "ip", "api_key", "header:NAME")
 HASH_KEY_MODES = ("header:NAME", "api_key", "ip", "model")
 RATE_LIMIT_KEYS = ("api_key", "ip", "route", "global", "header:NAME")
+URL_SCHEMES = tuple(_DEFAULT_PORTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,34 @@ def parse_backend_url(text: str) -> BackendAddress | Problem:
     elif port == 0:
         return Problem(f"URL {text!r} has port 0; a backend needs a real port")
     return BackendAddress(url=f"{scheme}://{host}:{port}", host_port=f"{host}:{port}")
+
+
+def http_url_problem(text: str) -> str | None:
+    """Why ``text`` is not an http(s) URL with a host (a path is allowed), or ``None``."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"malformed URL {text!r}: {exc}"
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not text.lower().startswith(f"{scheme}://"):
+        return f"must be an http:// or https:// URL, got {text!r}"
+    if not parts.hostname:
+        return f"URL {text!r} has no host"
+    if port == 0:
+        return f"URL {text!r} has port 0"
+    if any(ch.isspace() for ch in text):
+        return f"URL {text!r} must not contain whitespace"
+    return None
+
+
+def dns_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a DNS name to resolve (a trailing dot is allowed), or ``None``."""
+    bare = name.removesuffix(".")
+    labels = bare.split(".")
+    if len(bare) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return f"must be a DNS name (no scheme, port or path), got {name!r}"
+    return None
 
 
 def header_name_problem(name: str) -> str | None:

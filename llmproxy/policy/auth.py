@@ -8,9 +8,9 @@ config reveals no key. A key a person chose is only as strong as that choice.
 Authentication hashes the presented token once and compares the digest with
 every configured digest through ``hmac.compare_digest``, never stopping at the
 first match, so the time taken does not say which key matched or how far a
-wrong key got. The cost is one SHA-256 of the token (well under a microsecond
-for a 46-character key) plus one 32-byte constant-time compare per configured
-key (about 0.1 µs each): some 10 µs a request with 100 keys.
+wrong key got. The cost is one SHA-256 of the token plus one 32-byte
+constant-time compare per configured key (about 0.15 µs each): measured on a
+development machine, about 6 µs a request with one key, 20 µs with 100.
 
 Nothing here logs; a key or an ``Authorization`` value must never be logged.
 """
@@ -25,30 +25,14 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# The config dataclasses live in the schema; re-exported under their old names.
+from llmproxy.config.schema import ApiKeyConfig as ApiKeyConfig  # noqa: PLC0414 - re-export
+from llmproxy.config.schema import AuthConfig as AuthConfig  # noqa: PLC0414 - re-export
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: A chosen key shorter than this gets a warning from ``hash_key_command``.
 _SHORT_KEY = 20
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyConfig:
-    """One entry of ``auth.keys``. Limits are per key; ``None`` means unlimited."""
-
-    name: str
-    #: SHA-256 of the key, 64 lower-case hex digits.
-    sha256: str
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    max_concurrent: int | None = None
-    #: The key may pick a pool directly (header override), for smoke tests.
-    can_target_pool: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    enabled: bool = False
-    keys: tuple[ApiKeyConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +102,11 @@ def parse_bearer(authorization: str | None) -> str | None:
     """
     if authorization is None:
         return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or any(c.isspace() for c in token):
+    parts = authorization.split(maxsplit=1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    return token
+    token = parts[1].rstrip()
+    return None if any(c.isspace() for c in token) else token
 
 
 class KeyRing:

@@ -1,7 +1,8 @@
 """Automatic canary analysis: compare a route's canary pool with its stable pool.
 
 Pure: no I/O, no logging, time comes in as arguments (``now``) or from the
-injected ``clock`` (operator actions only). The caller feeds every request
+injected ``clock`` (operator actions only; ``now`` must be read from the
+same clock, a monotonic one). The caller feeds every request
 outcome of the route's pools to ``record``, calls ``evaluate`` periodically,
 applies ``Verdict.weight`` to the route's split (``apply_weight``) and logs or
 counts a verdict whose ``changed`` is true.
@@ -35,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+# CanaryConfig lives in the schema (``routes[i].canary``); re-exported from here.
+from llmproxy.config.schema import CanaryConfig as CanaryConfig  # noqa: PLC0414 - re-export
 from llmproxy.config.schema import SplitTarget
 
 CanaryState = Literal["observing", "promoting", "rolled_back", "promoted", "insufficient_data"]
@@ -43,22 +46,6 @@ _SLOTS = 12
 _TTFB_MIN_S = 0.001
 _PER_DOUBLING = 8
 _TTFB_BUCKETS = 20 * _PER_DOUBLING + 1
-
-
-@dataclass(frozen=True, slots=True)
-class CanaryConfig:
-    canary_pool: str
-    stable_pool: str
-    window_s: float = 60.0
-    #: Outcomes needed on each side within the window before any verdict.
-    min_samples: int = 50
-    #: Absolute: canary 8 % vs stable 2 % is +0.06, over 0.05 → rollback.
-    max_error_rate_increase: float = 0.05
-    max_ttfb_p95_ratio: float = 1.5
-    #: Canary weights in percent, rising, e.g. (5, 25, 50, 100); () = no promotion.
-    steps: tuple[float, ...] = ()
-    step_interval_s: float = 300.0
-    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,3 +182,190 @@ def test_defaults_apply_to_every_pool_before_its_own_keys() -> None:
     assert (stable.balancer, canary.balancer) == ("power_of_two", "random")
     assert (stable.retry.attempts, canary.retry.attempts) == (2, 2)
     assert canary.health == schema.HealthConfig()
+
+
+def test_new_sections_default_from_the_dataclasses() -> None:
+    config = build()
+    assert config.auth == schema.AuthConfig()
+    assert config.access_log == schema.AccessLogConfig()
+    assert config.tracing == schema.TracingConfig()
+    assert config.server.trust_forwarded_for is False
+    assert (config.rate_limits.redis_timeout_s, config.rate_limits.key_prefix) == (
+        0.1,
+        "llmproxy:rl",
+    )
+    stable = config.pools["stable"]
+    assert (stable.api_key, stable.discovery) == (None, None)
+    assert all(route.canary is None for route in config.routes)
+
+
+def test_auth_keys() -> None:
+    sha_a, sha_b = "a" * 64, "b" * 64
+    auth = build(f"""
+    auth:
+      enabled: true
+      keys:
+        - {{name: alice, sha256: {sha_a}, requests_per_minute: 60}}
+        - name: "team: search"
+          sha256: {sha_b}
+          tokens_per_minute: 1000
+          max_concurrent: 4
+          can_target_pool: true
+    """).auth
+    assert auth == schema.AuthConfig(
+        enabled=True,
+        keys=(
+            schema.ApiKeyConfig("alice", sha_a, requests_per_minute=60.0),
+            schema.ApiKeyConfig(
+                "team: search",
+                sha_b,
+                tokens_per_minute=1000.0,
+                max_concurrent=4,
+                can_target_pool=True,
+            ),
+        ),
+    )
+
+
+def test_an_entry_printed_by_hash_key_loads_and_authenticates() -> None:
+    from llmproxy.policy.auth import KeyRing, hash_key_command
+
+    entry = hash_key_command("sk-0123456789abcdefghijklmnop", "ci")
+    config = build("auth:\n  enabled: true\n  keys:\n" + textwrap.indent(entry, "    "))
+    assert KeyRing(config.auth).authenticate("Bearer sk-0123456789abcdefghijklmnop") is not None
+
+
+def test_policy_modules_re_export_the_schema_classes() -> None:
+    from llmproxy.policy import auth, canary
+
+    assert auth.AuthConfig is schema.AuthConfig
+    assert auth.ApiKeyConfig is schema.ApiKeyConfig
+    assert canary.CanaryConfig is schema.CanaryConfig
+
+
+def test_pool_api_key_from_defaults_and_per_pool() -> None:
+    pools = """
+    pools:
+      stable: {api_key: " own ", backends: [http://a:1]}
+      canary: {api_key: null, backends: [http://b:1]}
+      other: {backends: [http://c:1]}
+    """
+    config = build("defaults: {api_key: fleet-key}", pools=pools)
+    keys = {name: pool.api_key for name, pool in config.pools.items()}
+    assert keys == {"stable": "own", "canary": None, "other": "fleet-key"}
+
+
+def test_pool_api_key_from_an_unset_variable_is_none_and_never_in_repr() -> None:
+    data = yaml.safe_load(POOLS + ROUTES + "defaults: {api_key: '${VLLM_API_KEY:-}'}\n")
+    assert parse_config(data, {}).pools["stable"].api_key is None
+    config = parse_config(data, {"VLLM_API_KEY": "sk-upstream"})
+    assert config.pools["stable"].api_key == "sk-upstream"
+    assert "sk-upstream" not in repr(config)
+
+
+def test_pool_discovery() -> None:
+    pools = """
+    pools:
+      stable:
+        discovery:
+          dns: vllm-headless.llm.svc.cluster.local.
+          port: 8000
+          scheme: https
+          refresh_s: 5
+          empty_after: 2
+          timeout_s: 1
+      canary:
+        backends: []
+        discovery: {dns: VLLM-Canary, port: 8001}
+    """
+    config = build(pools=pools)
+    stable, canary = config.pools["stable"], config.pools["canary"]
+    assert stable.backends == canary.backends == ()
+    assert stable.discovery == schema.DiscoveryConfig(
+        dns="vllm-headless.llm.svc.cluster.local.",
+        port=8000,
+        scheme="https",
+        refresh_s=5.0,
+        empty_after=2,
+        timeout_s=1.0,
+    )
+    assert canary.discovery == schema.DiscoveryConfig(dns="VLLM-Canary", port=8001)
+
+
+def test_route_canary() -> None:
+    routes = ROUTES.replace(
+        "    sticky: header:x-user-id\n",
+        "    sticky: header:x-user-id\n"
+        "    canary:\n"
+        "      canary_pool: canary\n"
+        "      stable_pool: stable\n"
+        "      steps: [10, 50, 100]\n"
+        "      window_s: 120\n"
+        "      min_samples: 20\n"
+        "      max_error_rate_increase: 0\n"
+        "      max_ttfb_p95_ratio: 1\n"
+        "      step_interval_s: 600\n"
+        "      enabled: false\n",
+    )
+    chat = build(routes=routes).routes[0]
+    assert chat.canary == schema.CanaryConfig(
+        canary_pool="canary",
+        stable_pool="stable",
+        window_s=120.0,
+        min_samples=20,
+        max_error_rate_increase=0.0,
+        max_ttfb_p95_ratio=1.0,
+        steps=(10.0, 50.0, 100.0),
+        step_interval_s=600.0,
+        enabled=False,
+    )
+    assert isinstance(chat.canary.steps[0], float)
+
+
+def test_a_loaded_canary_is_accepted_by_the_analyser() -> None:
+    from llmproxy.policy.canary import CanaryAnalyzer
+
+    routes = ROUTES.replace(
+        "    sticky: header:x-user-id\n",
+        "    canary: {canary_pool: canary, stable_pool: stable, steps: [10, 100]}\n",
+    )
+    chat = build(routes=routes).routes[0]
+    assert chat.canary is not None
+    assert CanaryAnalyzer(chat.canary, lambda: 0.0).weight == 10.0
+
+
+def test_access_log_and_tracing() -> None:
+    config = build("""
+    access_log: {enabled: false, path: /var/log/llmproxy.log, log_prompts: true,
+                 prompt_max_chars: 0}
+    tracing:
+      enabled: true
+      service_name: gw
+      otlp_endpoint: https://collector.internal:4318/v1/traces
+      sample_ratio: 0
+    """)
+    assert config.access_log == schema.AccessLogConfig(False, "/var/log/llmproxy.log", True, 0)
+    assert config.tracing == schema.TracingConfig(
+        True, "gw", "https://collector.internal:4318/v1/traces", 0.0
+    )
+
+
+def test_empty_otlp_endpoint_means_the_exporter_default() -> None:
+    data = yaml.safe_load(POOLS + ROUTES + "tracing: {otlp_endpoint: '${OTLP:-}'}\n")
+    assert parse_config(data, {}).tracing.otlp_endpoint is None
+
+
+def test_rate_limit_and_server_additions() -> None:
+    config = build("""
+    server: {trust_forwarded_for: true}
+    rate_limits:
+      redis_timeout_s: 0.25
+      key_prefix: "gw:rl"
+      rules:
+        - {name: per-ip, key: ip, requests_per_minute: 60}
+        - {key: global, max_concurrent: 10}
+    """)
+    assert config.server.trust_forwarded_for is True
+    limits = config.rate_limits
+    assert (limits.redis_timeout_s, limits.key_prefix) == (0.25, "gw:rl")
+    assert [rule.name for rule in limits.rules] == ["per-ip", None]

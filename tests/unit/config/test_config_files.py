@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.config import ConfigError, check_config, load_config
+from llmproxy.config import ConfigError, DiscoveryConfig, check_config, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "config"
 VALID = (
@@ -61,6 +61,22 @@ def test_staging_config_loads() -> None:
         ("llama-3-70b-canary", 5.0),
     ]
     assert canary.sticky == "header:x-user-id"
+    assert canary.canary is not None
+    assert canary.canary.steps == (5.0, 50.0, 100.0)
+    assert config.pools["embeddings"].backends == ()
+    assert config.pools["embeddings"].discovery is not None
+    assert config.pools["embeddings"].api_key is None
+    assert config.auth.enabled
+    assert [key.name for key in config.auth.keys] == ["ci-smoke", "search-team"]
+    assert config.tracing.enabled is False
+
+
+def test_staging_takes_the_upstream_key_and_tracing_switch_from_the_environment() -> None:
+    env = {"VLLM_API_KEY": "sk-vllm", "TRACING_ENABLED": "true"}
+    config = load_config(CONFIG_DIR / "staging.yaml", env=env)
+    assert config.pools["llama-3-8b"].api_key == "sk-vllm"
+    assert config.pools["embeddings"].api_key is None
+    assert config.tracing.enabled is True
 
 
 def test_staging_refuses_an_exposed_admin_api_without_a_token() -> None:
@@ -84,6 +100,20 @@ def test_prod_config_loads_with_its_environment() -> None:
     embeddings = next(r for r in config.routes if r.name == "embeddings")
     assert embeddings.match.path_prefix == "/v1/embeddings"
     assert all(r.fallback for r in config.routes if r.name.startswith("llama"))
+    canary = next(r for r in config.routes if r.name == "llama-3-70b").canary
+    assert canary is not None
+    assert (canary.canary_pool, canary.stable_pool) == ("llama-3-70b-canary", "llama-3-70b-stable")
+    assert canary.steps == (5.0, 25.0, 50.0, 100.0)
+    assert config.pools["embeddings"].discovery == DiscoveryConfig(
+        dns="tei-bge-large-headless.vllm.svc.cluster.local", port=8080, timeout_s=2.0
+    )
+    assert stable.api_key is None  # VLLM_API_KEY is not set
+    assert config.server.trust_forwarded_for
+    assert config.auth.enabled
+    assert len(config.auth.keys) == 3
+    assert config.access_log.log_prompts is False
+    assert config.tracing.sample_ratio == 0.05
+    assert [rule.name for rule in config.rate_limits.rules] == ["per-key", "per-ip", "fleet"]
 
 
 def test_prod_config_requires_the_admin_token() -> None:
@@ -156,7 +186,8 @@ def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     )
     errors = check_config(write(tmp_path, text), env={})
     assert errors == [
-        "x-backend: unknown key (known: server, admin, defaults, pools, routes, rate_limits)"
+        "x-backend: unknown key (known: server, admin, defaults, pools, routes, rate_limits,"
+        " auth, access_log, tracing)"
     ]
 
 

@@ -23,6 +23,9 @@ DELETE = object()
 KNOWN_BALANCERS = (
     "round_robin, weighted_round_robin, least_connections, power_of_two, random, consistent_hash"
 )
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+DISCOVERY = {"dns": "vllm-headless.llm.svc.cluster.local", "port": 8000}
 
 
 def base() -> dict[str, Any]:
@@ -41,6 +44,21 @@ def base() -> dict[str, Any]:
             {"name": "rest", "pool": "stable"},
         ],
     }
+
+
+def key(name: str = "alice", sha256: str = SHA_A, **more: object) -> dict[str, object]:
+    """One ``auth.keys`` entry."""
+    return {"name": name, "sha256": sha256, **more}
+
+
+def discovered(**changes: object) -> dict[str, object]:
+    """A pool whose backends come from DNS."""
+    return {"discovery": {**DISCOVERY, **changes}}
+
+
+def canary(**changes: object) -> dict[str, object]:
+    """A ``canary`` section for ``routes[0]`` (split: stable, canary)."""
+    return {"canary_pool": "canary", "stable_pool": "stable", **changes}
 
 
 def put(data: dict[str, Any], path: str, value: object) -> dict[str, Any]:
@@ -90,7 +108,13 @@ CASES: list[tuple[str, object, str | At]] = [
     ("routes", {"a": 1}, "expected a list, got a mapping"),
     # server and admin
     ("server.prot", 1, "unknown key (did you mean 'port'?)"),
-    ("server.zzz", 1, "unknown key (known: host, port, max_body_bytes, drain_timeout_s, workers)"),
+    (
+        "server.zzz",
+        1,
+        "unknown key (known: host, port, max_body_bytes, drain_timeout_s, workers,"
+        " trust_forwarded_for)",
+    ),
+    ("server.trust_forwarded_for", "yes", "expected true or false, got string 'yes'"),
     ("server.port", 70000, "must be between 0 and 65535, got 70000"),
     ("admin.port", -1, "must be between 0 and 65535, got -1"),
     ("server.port", True, "expected an integer, got boolean true"),
@@ -109,8 +133,16 @@ CASES: list[tuple[str, object, str | At]] = [
     ),
     # pools and backends
     ("pools.stable.backend", [], "unknown key (did you mean 'backends'?)"),
-    ("pools.stable.backends", DELETE, "is required"),
-    ("pools.stable.backends", [], "must list at least one backend"),
+    (
+        "pools.stable.backends",
+        DELETE,
+        At("pools.stable", "needs 'backends' (a list of URLs) or 'discovery' (a DNS name)"),
+    ),
+    (
+        "pools.stable.backends",
+        [],
+        "must list at least one backend (or set the pool's 'discovery')",
+    ),
     ("pools.stable", "x", "expected a mapping, got string 'x'"),
     (
         "pools.stable.balancer",
@@ -228,6 +260,95 @@ CASES: list[tuple[str, object, str | At]] = [
         "a/b",
         "backend name 'a/b' must not contain whitespace or '/'",
     ),
+    # pool api_key
+    (
+        "pools.stable.api_key",
+        12345,
+        "expected a string, got integer 12345 (quote it to make it text)",
+    ),
+    ("pools.stable.api_key", "sk one", "must not contain whitespace"),
+    ("defaults.api_key", ["k"], "expected a string, got a list"),
+    # pool discovery
+    (
+        "pools.stable.discovery",
+        DISCOVERY,
+        At(
+            "pools.stable",
+            "give either 'backends' or 'discovery', not both (discovery replaces the backend list)",
+        ),
+    ),
+    (
+        "pools.stable",
+        {"discovery": "vllm"},
+        At("pools.stable.discovery", "expected a mapping, got string 'vllm'"),
+    ),
+    (
+        "pools.stable",
+        {"discovery": {"port": 8000}},
+        At("pools.stable.discovery.dns", "is required"),
+    ),
+    ("pools.stable", {"discovery": {"dns": "v"}}, At("pools.stable.discovery.port", "is required")),
+    (
+        "pools.stable",
+        discovered(dns="http://vllm:8000"),
+        At(
+            "pools.stable.discovery.dns",
+            "must be a DNS name (no scheme, port or path), got 'http://vllm:8000'",
+        ),
+    ),
+    (
+        "pools.stable",
+        discovered(dns="-bad.example"),
+        At(
+            "pools.stable.discovery.dns",
+            "must be a DNS name (no scheme, port or path), got '-bad.example'",
+        ),
+    ),
+    (
+        "pools.stable",
+        discovered(dns=""),
+        At("pools.stable.discovery.dns", "must not be empty"),
+    ),
+    (
+        "pools.stable",
+        discovered(port=0),
+        At("pools.stable.discovery.port", "must be between 1 and 65535, got 0"),
+    ),
+    (
+        "pools.stable",
+        discovered(port=70000),
+        At("pools.stable.discovery.port", "must be between 1 and 65535, got 70000"),
+    ),
+    (
+        "pools.stable",
+        discovered(port="8000"),
+        At("pools.stable.discovery.port", "expected an integer, got string '8000'"),
+    ),
+    (
+        "pools.stable",
+        discovered(scheme="grpc"),
+        At("pools.stable.discovery.scheme", "unknown scheme 'grpc' (known: http, https)"),
+    ),
+    (
+        "pools.stable",
+        discovered(refresh_s=0),
+        At("pools.stable.discovery.refresh_s", "must be greater than 0, got 0"),
+    ),
+    (
+        "pools.stable",
+        discovered(empty_after=0),
+        At("pools.stable.discovery.empty_after", "must be at least 1, got 0"),
+    ),
+    (
+        "pools.stable",
+        discovered(timeout_s=-1),
+        At("pools.stable.discovery.timeout_s", "must be greater than 0, got -1"),
+    ),
+    (
+        "pools.stable",
+        discovered(refresh=5),
+        At("pools.stable.discovery.refresh", "unknown key (did you mean 'refresh_s'?)"),
+    ),
     # routes
     ("routes[1].stiky", "ip", "unknown key (did you mean 'sticky'?)"),
     ("routes[1]", "x", "expected a mapping, got string 'x'"),
@@ -270,6 +391,112 @@ CASES: list[tuple[str, object, str | At]] = [
         At("routes[1].fallback[1]", "pool 'canary' is listed twice"),
     ),
     ("routes[1].fallback", "canary", "expected a list, got string 'canary'"),
+    # route canary
+    ("routes[0].canary", "canary", "expected a mapping, got string 'canary'"),
+    (
+        "routes[0].canary",
+        {"canary_pool": "canary"},
+        At("routes[0].canary.stable_pool", "is required"),
+    ),
+    (
+        "routes[0].canary",
+        {"stable_pool": "stable"},
+        At("routes[0].canary.canary_pool", "is required"),
+    ),
+    (
+        "routes[0].canary",
+        canary(canary_pool="nope"),
+        At("routes[0].canary.canary_pool", "pool 'nope' is not in the route's split"),
+    ),
+    (
+        "routes[1].canary",
+        canary(),
+        At("routes[1].canary.canary_pool", "pool 'canary' is not in the route's split"),
+    ),
+    (
+        "routes[0].canary",
+        canary(stable_pool="canary"),
+        At("routes[0].canary.stable_pool", "must differ from canary_pool"),
+    ),
+    (
+        "routes[0].canary",
+        canary(stable_pool=5),
+        At(
+            "routes[0].canary.stable_pool",
+            "expected a string, got integer 5 (quote it to make it text)",
+        ),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps=[0, 50]),
+        At("routes[0].canary.steps[0]", "must be a percentage in (0, 100], got 0"),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps=[50, 100.5]),
+        At("routes[0].canary.steps[1]", "must be a percentage in (0, 100], got 100.5"),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps=[5, 50, 25]),
+        At("routes[0].canary.steps[2]", "must be greater than the step before (50), got 25"),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps=[5, 5]),
+        At("routes[0].canary.steps[1]", "must be greater than the step before (5), got 5"),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps=["5%"]),
+        At("routes[0].canary.steps[0]", "expected a number, got string '5%'"),
+    ),
+    (
+        "routes[0].canary",
+        canary(steps="5,50"),
+        At("routes[0].canary.steps", "expected a list, got string '5,50'"),
+    ),
+    (
+        "routes[0].canary",
+        canary(window_s=0),
+        At("routes[0].canary.window_s", "must be greater than 0, got 0"),
+    ),
+    (
+        "routes[0].canary",
+        canary(min_samples=0),
+        At("routes[0].canary.min_samples", "must be at least 1, got 0"),
+    ),
+    (
+        "routes[0].canary",
+        canary(min_samples=10.5),
+        At("routes[0].canary.min_samples", "expected an integer, got number 10.5"),
+    ),
+    (
+        "routes[0].canary",
+        canary(max_error_rate_increase=1.5),
+        At("routes[0].canary.max_error_rate_increase", "must be between 0 and 1, got 1.5"),
+    ),
+    (
+        "routes[0].canary",
+        canary(max_ttfb_p95_ratio=0.9),
+        At("routes[0].canary.max_ttfb_p95_ratio", "must be at least 1, got 0.9"),
+    ),
+    (
+        "routes[0].canary",
+        canary(step_interval_s=0),
+        At("routes[0].canary.step_interval_s", "must be greater than 0, got 0"),
+    ),
+    (
+        "routes[0].canary",
+        canary(enabled="on"),
+        At("routes[0].canary.enabled", "expected true or false, got string 'on'"),
+    ),
+    (
+        "routes[0].canary",
+        canary(step=[5]),
+        At("routes[0].canary.step", "unknown key (did you mean 'steps'?)"),
+    ),
+    # route match
     ("routes[0].match.modle", "x", "unknown key (did you mean 'model'?)"),
     ("routes[0].match.path_prefix", "v1/embeddings", "must start with '/', got 'v1/embeddings'"),
     ("routes[0].match.model", "", "must not be empty"),
@@ -333,21 +560,140 @@ CASES: list[tuple[str, object, str | At]] = [
         [{"key": "ip", "rpm": 1, "tokens_per_minute": 1}],
         At(
             "rate_limits.rules[0].rpm",
-            "unknown key (known: key, requests_per_minute, tokens_per_minute, max_concurrent)",
+            "unknown key (known: key, requests_per_minute, tokens_per_minute, max_concurrent,"
+            " name)",
         ),
     ),
+    (
+        "rate_limits.rules",
+        [{"key": "ip", "requests_per_minute": 1, "name": "per ip"}],
+        At("rate_limits.rules[0].name", "rule name 'per ip' must not contain whitespace or '/'"),
+    ),
+    (
+        "rate_limits.rules",
+        [
+            {"key": "ip", "requests_per_minute": 1, "name": "x"},
+            {"key": "global", "max_concurrent": 1, "name": "x"},
+        ],
+        At("rate_limits.rules[1].name", "duplicate rule name 'x' (also rules[0])"),
+    ),
+    ("rate_limits.redis_timeout_s", 0, "must be greater than 0, got 0"),
+    ("rate_limits.redis_timeout_s", "100ms", "expected a number, got string '100ms'"),
+    ("rate_limits.key_prefix", "", "must not be empty"),
+    ("rate_limits.key_prefix", 7, "expected a string, got integer 7 (quote it to make it text)"),
     # defaults
     (
         "defaults.backends",
         [],
         "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts,"
-        " outlier, slow_start_s, panic_mode)",
+        " outlier, slow_start_s, panic_mode, api_key)",
+    ),
+    (
+        "defaults.discovery",
+        DISCOVERY,
+        "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts,"
+        " outlier, slow_start_s, panic_mode, api_key)",
     ),
     ("defaults.timeouts.idle_s", 0, "must be greater than 0, got 0"),
     (
         "defaults.balancer",
         "rr",
         f"unknown balancer 'rr' (known: {KNOWN_BALANCERS})",
+    ),
+    # auth
+    ("auth", ["alice"], "expected a mapping, got a list"),
+    ("auth.enabled", "yes", "expected true or false, got string 'yes'"),
+    ("auth.enabled", True, At("auth.keys", "auth is enabled but no key is configured")),
+    ("auth.keyz", [], "unknown key (did you mean 'keys'?)"),
+    ("auth.keys", key(), "expected a list, got a mapping"),
+    ("auth.keys", ["alice"], At("auth.keys[0]", "expected a mapping, got string 'alice'")),
+    ("auth.keys", [{"sha256": SHA_A}], At("auth.keys[0].name", "is required")),
+    ("auth.keys", [{"name": "alice"}], At("auth.keys[0].sha256", "is required")),
+    ("auth.keys", [key(name="")], At("auth.keys[0].name", "must not be empty")),
+    (
+        "auth.keys",
+        [key(name=1)],
+        At("auth.keys[0].name", "expected a string, got integer 1 (quote it to make it text)"),
+    ),
+    (
+        "auth.keys",
+        [key(sha256="abc")],
+        At(
+            "auth.keys[0].sha256",
+            "must be 64 hex digits (a SHA-256, see 'llmproxy hash-key'), got 3 characters",
+        ),
+    ),
+    (
+        "auth.keys",
+        [key(sha256="g" * 64)],
+        At(
+            "auth.keys[0].sha256",
+            "must be 64 hex digits (a SHA-256, see 'llmproxy hash-key'), got 64 characters",
+        ),
+    ),
+    ("auth.keys", [key(sha256="A" * 64)], At("auth.keys[0].sha256", "must be lower-case hex")),
+    (
+        "auth.keys",
+        [key(), key(sha256=SHA_B)],
+        At("auth.keys[1].name", "duplicate key name 'alice'"),
+    ),
+    (
+        "auth.keys",
+        [key(), key(name="bob")],
+        At("auth.keys[1].sha256", "the same key is listed twice"),
+    ),
+    (
+        "auth.keys",
+        [key(requests_per_minute=0)],
+        At("auth.keys[0].requests_per_minute", "must be greater than 0, got 0"),
+    ),
+    (
+        "auth.keys",
+        [key(max_concurrent=0.5)],
+        At("auth.keys[0].max_concurrent", "expected an integer, got number 0.5"),
+    ),
+    (
+        "auth.keys",
+        [key(can_target_pool="yes")],
+        At("auth.keys[0].can_target_pool", "expected true or false, got string 'yes'"),
+    ),
+    (
+        "auth.keys",
+        [key(rpm=60)],
+        At(
+            "auth.keys[0].rpm",
+            "unknown key (known: name, sha256, requests_per_minute, tokens_per_minute,"
+            " max_concurrent, can_target_pool)",
+        ),
+    ),
+    # An entry already reported does not also make "no key is configured".
+    ("auth", {"enabled": True, "keys": [{"name": "a"}]}, At("auth.keys[0].sha256", "is required")),
+    # access_log
+    ("access_log", True, "expected a mapping, got boolean true"),
+    ("access_log.path", "", "must be '-' (stdout) or a file path"),
+    ("access_log.log_prompts", "no", "expected true or false, got string 'no'"),
+    ("access_log.prompt_max_chars", -1, "must be at least 0, got -1"),
+    ("access_log.log_prompt", True, "unknown key (did you mean 'log_prompts'?)"),
+    # tracing
+    ("tracing.enabled", 1, "expected true or false, got integer 1"),
+    ("tracing.service_name", " ", "must not be empty"),
+    ("tracing.sample_ratio", 1.5, "must be between 0 and 1, got 1.5"),
+    ("tracing.sample_ratio", -0.1, "must be between 0 and 1, got -0.1"),
+    (
+        "tracing.otlp_endpoint",
+        "collector:4318",
+        "must be an http:// or https:// URL, got 'collector:4318'",
+    ),
+    (
+        "tracing.otlp_endpoint",
+        "grpc://collector:4317",
+        "must be an http:// or https:// URL, got 'grpc://collector:4317'",
+    ),
+    ("tracing.otlp_endpoint", "http://:4318/v1/traces", "URL 'http://:4318/v1/traces' has no host"),
+    (
+        "tracing.otlp_endpoint",
+        "http://collector:99999/v1/traces",
+        "malformed URL 'http://collector:99999/v1/traces': Port out of range 0-65535",
     ),
 ]
 
@@ -423,3 +769,35 @@ def test_every_numeric_schema_field_has_a_bound() -> None:
                 if any(arg in (int, float) for arg in args):
                     numeric.add(name)
     assert numeric - set(BOUNDS) == set()
+
+
+def test_auth_problems_point_at_the_yaml_entry() -> None:
+    """Entries that could not be read do not shift the index of later problems."""
+    keys = [{"name": "a"}, key("b"), key("b", SHA_B), key("c", SHA_B)]
+    assert errors_of(put(base(), "auth.keys", keys)) == [
+        "auth.keys[0].sha256: is required",
+        "auth.keys[2].name: duplicate key name 'b'",
+        "auth.keys[3].sha256: the same key is listed twice",
+    ]
+
+
+def test_canary_pool_of_a_bad_split_entry_is_reported_once() -> None:
+    data = put(base(), "routes[0].split[1].pool", "canry")
+    data = put(data, "routes[0].canary", canary(canary_pool="canry"))
+    assert errors_of(data) == [
+        "routes[0].split[1].pool: unknown pool 'canry' (known: canary, stable)"
+    ]
+
+
+@pytest.mark.parametrize("backends", [DELETE, [], None])
+def test_a_pool_with_discovery_needs_no_backends(backends: object) -> None:
+    data = put(base(), "pools.stable.discovery", DISCOVERY)
+    assert errors_of(put(data, "pools.stable.backends", backends)) == []
+
+
+def test_a_bad_discovery_does_not_also_ask_for_backends() -> None:
+    data = put(base(), "pools.stable", discovered(port=0, scheme="ftp"))
+    assert errors_of(data) == [
+        "pools.stable.discovery.port: must be between 1 and 65535, got 0",
+        "pools.stable.discovery.scheme: unknown scheme 'ftp' (known: http, https)",
+    ]
