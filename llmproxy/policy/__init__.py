@@ -1,0 +1,1 @@
+"""Traffic policy: who may send how much, and where it goes."""
