@@ -5,7 +5,6 @@ lifecycle: start, reload, drain a backend, graceful shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -16,12 +15,19 @@ import aiohttp
 from aiohttp import web
 
 from llmproxy.config import ConfigError, load_config
-from llmproxy.config.schema import Config, HealthConfig
-from llmproxy.health.checker import HealthChecker
+from llmproxy.config.schema import BackendConfig, Config
+from llmproxy.discovery.manager import DiscoveryManager
+from llmproxy.health.supervisor import HealthSupervisor
+from llmproxy.observability.access_log import AccessEntry, AccessLog
 from llmproxy.observability.events import Events
-from llmproxy.observability.metrics import Metrics
+from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.observability.tracing import Tracing
+from llmproxy.policy.gate import GateKeeper
+from llmproxy.policy.ratelimit import RateLimiter, build_store
+from llmproxy.policy.traffic import Traffic
 from llmproxy.pool.backend import Backend
 from llmproxy.runtime import Runtime
+from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
@@ -49,13 +55,19 @@ class Gateway:
         self.events = Events(self.metrics)
         self.clock = clock
         self.runtime = Runtime.build(config, rng=self.rng, clock=clock, events=self.events)
+        self.traffic = Traffic(config, self.metrics, clock)
+        self.tracing = Tracing.from_config(config.tracing)
+        self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self.discovery = DiscoveryManager(self._discovered, self.rng, clock)
         #: Set on shutdown: /readyz turns 503 so load balancers stop sending.
         self.draining = False
         self.last_reload = ReloadStatus()
         self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
-        self._checkers: dict[str, tuple[HealthConfig, asyncio.Task[None]]] = {}
+        self._health: HealthSupervisor | None = None
+        self._canary_task: asyncio.Task[None] | None = None
+        self.gate: GateKeeper | None = None
         self.forwarder: Forwarder | None = None
         self.metrics.register_runtime(lambda: self.runtime)
 
@@ -70,6 +82,10 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        config = self.config
+        if any(p.discovery for p in config.pools.values()):
+            await self.discovery.start(config)
+            self.runtime = self._build(config, previous=None)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,  # per-backend concurrency is the balancer's business
@@ -83,60 +99,101 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        if self.access_log is not None:
+            self.access_log.start()
+        self.gate = self._make_gate(config)
         self.forwarder = Forwarder(
             session=self._session,
             metrics=self.metrics,
             rng=self.rng,
             runtime=lambda: self.runtime,
-            max_body_bytes=self.config.server.max_body_bytes,
+            max_body_bytes=config.server.max_body_bytes,
+            gate=self.gate,
+            splits=self.traffic.split,
+            tracing=self.tracing,
+            on_finish=(self._finished,),
+            on_attempt=(self.traffic.on_attempt,),
         )
-        self._sync_checkers()
+        self._health = HealthSupervisor(
+            lambda: self.runtime, self._health_session, self.rng, self.events, self.clock
+        )
+        self._health.sync()
+        self._canary_task = asyncio.create_task(self.traffic.run(), name="canary-analysis")
 
     async def close(self) -> None:
-        for _, task in self._checkers.values():
-            task.cancel()
-        for _, task in self._checkers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._checkers.clear()
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+        await self.discovery.stop()
+        if self._health is not None:
+            await self._health.close()
+        if self.gate is not None:
+            await self.gate.close()
         for s in (self._session, self._health_session):
             if s is not None:
                 await s.close()
         self._session = self._health_session = None
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.stop)
+        await asyncio.to_thread(self.tracing.shutdown)
 
-    def _sync_checkers(self) -> None:
-        """One health checker task per pool; restarted when its settings change."""
-        assert self._health_session is not None
-        pools = self.runtime.pools
-        for name in list(self._checkers):
-            cfg, task = self._checkers[name]
-            pool = pools.get(name)
-            if pool is None or pool.config.health != cfg:
-                task.cancel()
-                del self._checkers[name]
-        for name, pool in pools.items():
-            if name in self._checkers or not pool.config.health.enabled:
-                continue
-            checker = HealthChecker(
-                targets=lambda name=name: self._pool_backends(name),  # type: ignore[misc]
-                cfg=pool.config.health,
-                session=self._health_session,
-                rng=self.rng,
-                on_result=lambda b, ok, _d, name=name: self.events.health_probe(name, b, ok),  # type: ignore[misc]
-                on_transition=lambda b, ok, why, name=name: self._health_changed(name, b, ok, why),  # type: ignore[misc]
+    def _make_gate(self, config: Config) -> GateKeeper:
+        limits = config.rate_limits
+        wants_limits = bool(limits.rules) or any(
+            k.requests_per_minute or k.tokens_per_minute or k.max_concurrent
+            for k in config.auth.keys
+        )
+        limiter = None
+        if wants_limits:
+            limiter = RateLimiter(
+                limits,
+                build_store(limits, self.clock),
                 clock=self.clock,
+                on_store_error=self.metrics.ratelimit_store_errors.inc,
             )
-            task = asyncio.create_task(checker.run(), name=f"health:{name}")
-            self._checkers[name] = (pool.config.health, task)
+        return GateKeeper(config, limiter, self.metrics)
 
-    def _pool_backends(self, pool: str) -> list[Backend]:
-        p = self.runtime.pools.get(pool)
-        return p.backends if p is not None else []
+    def _build(self, config: Config, previous: Runtime | None) -> Runtime:
+        return Runtime.build(
+            config,
+            rng=self.rng,
+            clock=self.clock,
+            events=self.events,
+            previous=previous,
+            discovered=self.discovery.backends,
+        )
 
-    def _health_changed(self, pool: str, backend: str, healthy: bool, reason: str) -> None:
-        p = self.runtime.pools.get(pool)
-        if p is not None:
-            p.set_health(backend, healthy, reason)
+    # -- the end of every request ------------------------------------------------
+
+    def _finished(self, ex: Exchange, now: float) -> None:
+        if ex.ticket is not None and self.gate is not None:
+            self.gate.settle(ex, ex.ticket)  # type: ignore[arg-type]
+        if self.access_log is not None:
+            request = ex.request
+            self.access_log.record(
+                AccessEntry(
+                    time=time.time() - (now - ex.started),
+                    request_id=ex.request_id,
+                    method=request.method,
+                    path=request.path,
+                    route=None if ex.route is NONE else ex.route,
+                    pool=None if ex.pool is NONE else ex.pool,
+                    backend=None if ex.backend is NONE else ex.backend,
+                    attempts=ex.attempts,
+                    status=ex.status,
+                    ttfb_ms=None if ex.ttfb_s is None else round(ex.ttfb_s * 1000, 3),
+                    duration_ms=round((now - ex.started) * 1000, 3),
+                    bytes_sent=ex.bytes_sent,
+                    prompt_tokens=ex.prompt_tokens,
+                    completion_tokens=ex.completion_tokens,
+                    client_ip=ex.client_ip,
+                    api_key_name=ex.api_key_name,
+                    stream=ex.stream,
+                    outcome=ex.outcome,
+                    error=ex.error,
+                    prompt=_prompt(ex) if self.access_log.wants_prompt else None,
+                    trace_id=ex.span.trace_id,
+                )
+            )
 
     # -- operator actions --------------------------------------------------------
 
@@ -165,7 +222,10 @@ class Gateway:
                 except ConfigError as exc:
                     status.ok, status.errors = False, list(exc.errors)
                 else:
+                    await self.discovery.start(config)
                     status.changes = self._swap(config)
+                    await self._new_gate(config)
+                    self.traffic.apply_config(config)
             self.last_reload = status
             self.metrics.config_reloads.labels("success" if status.ok else "error").inc()
             self.metrics.config_last_reload_ok.set(1 if status.ok else 0)
@@ -179,11 +239,23 @@ class Gateway:
                 )
             return status
 
+    async def _new_gate(self, config: Config) -> None:
+        """Keys and limits follow the reloaded config (a memory store starts
+        afresh; a Redis store keeps its counts)."""
+        old = self.gate
+        self.gate = self._make_gate(config)
+        if self.forwarder is not None:
+            self.forwarder.gate = self.gate
+        if old is not None:
+            await old.close()
+
+    def _discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        changes = self._swap(self.config)
+        log.warning("pool %s: discovery changed the backends: %s", pool, "; ".join(changes))
+
     def _swap(self, config: Config) -> list[str]:
         old = self.runtime
-        new = Runtime.build(
-            config, rng=self.rng, clock=self.clock, events=self.events, previous=old
-        )
+        new = self._build(config, previous=old)
         changes = []
         for name, pool in old.pools.items():
             if name not in new.pools:
@@ -198,7 +270,8 @@ class Gateway:
             changes += [f"backend {name}/{b} added" for b in sorted(after - before)]
             changes += [f"backend {name}/{b} removed (draining)" for b in sorted(before - after)]
         self.runtime = new
-        self._sync_checkers()
+        if self._health is not None:
+            self._health.sync()
         return changes or ["no backend changes"]
 
     # -- shutdown ----------------------------------------------------------------
@@ -218,3 +291,8 @@ class Gateway:
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         assert self.forwarder is not None, "Gateway.start() was not awaited"
         return await self.forwarder.handle(request)
+
+
+def _prompt(ex: Exchange) -> str | None:
+    """The request body as text, only when the config opts into prompt logging."""
+    return ex.body.decode("utf-8", "replace") if ex.body else None

@@ -8,10 +8,10 @@ reference, so a request sees one config throughout.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
-from llmproxy.config.schema import Config
+from llmproxy.config.schema import BackendConfig, Config
 from llmproxy.pool.pool import Pool, PoolEvents
 from llmproxy.routing.table import RouteTable
 
@@ -33,11 +33,14 @@ class Runtime:
         clock: Callable[[], float],
         events: PoolEvents,
         previous: Runtime | None = None,
+        discovered: Mapping[str, tuple[BackendConfig, ...]] | None = None,
     ) -> Runtime:
+        """``discovered``: the current backends of pools that use DNS discovery."""
         old = previous.pools if previous is not None else {}
+        found = discovered or {}
         pools = {
             name: Pool(
-                pc,
+                replace(pc, backends=found.get(name, ())) if pc.discovery else pc,
                 rng=rng,
                 clock=clock,
                 events=events,

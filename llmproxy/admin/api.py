@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llmproxy.admin.status_page import status_page_handler
-from llmproxy.errors import NotFound, Unauthorized, proxy_error_response
+from llmproxy.errors import BadRequest, NotFound, Unauthorized, proxy_error_response
 from llmproxy.keys import GATEWAY
+from llmproxy.policy.traffic import TrafficError
 
 if TYPE_CHECKING:
     from llmproxy.gateway import Gateway
@@ -89,10 +90,14 @@ def backend_state(gw: Gateway) -> dict[str, Any]:
 
 async def _state(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    traffic = gw.traffic.snapshot()
     routes = [
         {
             "name": r.name,
-            "split": [{"pool": t.pool, "weight": t.weight} for t in r.split],
+            "split": traffic.get(r.name, {}).get("split", []),
+            "configured_split": [{"pool": t.pool, "weight": t.weight} for t in r.split],
+            "weights_overridden": traffic.get(r.name, {}).get("overridden", False),
+            "canary": traffic.get(r.name, {}).get("canary"),
             "fallback": list(r.fallback),
             "sticky": r.sticky,
         }
@@ -110,6 +115,7 @@ async def _state(request: web.Request) -> web.Response:
             "changes": reload.changes,
         },
         "pools": backend_state(gw),
+        "discovery": dict(gw.discovery.snapshot()),
         "routes": routes,
     }
     return web.json_response(body)
@@ -133,6 +139,39 @@ async def _drain(request: web.Request) -> web.Response:
 
 async def _undrain(request: web.Request) -> web.Response:
     return await _set_drain(request, False)
+
+
+async def _set_weights(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    route = request.match_info["route"]
+    try:
+        body = await request.json()
+        weights = body["weights"]
+        if not isinstance(weights, dict):
+            raise TypeError
+        split = gw.traffic.set_weights(route, weights)
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, KeyError) and str(exc.args[0]).startswith("no route"):
+            return proxy_error_response(NotFound(str(exc.args[0])))
+        detail = str(exc) if isinstance(exc, TrafficError) else 'expected {"weights": {POOL: N}}'
+        return proxy_error_response(BadRequest(detail))
+    return web.json_response(
+        {"route": route, "split": [{"pool": t.pool, "weight": t.weight} for t in split]}
+    )
+
+
+async def _canary_action(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    route, action = request.match_info["route"], request.match_info["action"]
+    try:
+        verdict = gw.traffic.promote(route) if action == "promote" else gw.traffic.rollback(route)
+    except KeyError as exc:
+        return proxy_error_response(NotFound(str(exc.args[0])))
+    except TrafficError as exc:
+        return proxy_error_response(BadRequest(str(exc)))
+    return web.json_response(
+        {"route": route, "state": verdict.state, "weight": verdict.weight, "reason": verdict.reason}
+    )
 
 
 async def _reload(request: web.Request) -> web.Response:
@@ -172,4 +211,8 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/admin/backends/{pool}/{backend}/drain", guard(_drain))
     app.router.add_post("/admin/backends/{pool}/{backend}/undrain", guard(_undrain))
     app.router.add_post("/admin/reload", guard(_reload))
+    app.router.add_post("/admin/routes/{route}/weights", guard(_set_weights))
+    app.router.add_post(
+        r"/admin/routes/{route}/canary/{action:promote|rollback}", guard(_canary_action)
+    )
     return app

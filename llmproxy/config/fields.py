@@ -102,6 +102,8 @@ BOUNDS: Mapping[str, Bound] = types.MappingProxyType(
         "latency_min_samples": _AT_LEAST_ONE,
         "latency_alpha": Bound(0, 1, low_exclusive=True),
         "slow_start_s": _NOT_NEGATIVE,
+        "max_pending": _AT_LEAST_ONE,
+        "flush_interval_s": _POSITIVE,
         "requests_per_minute": _POSITIVE,
         "tokens_per_minute": _POSITIVE,
         "max_concurrent": _AT_LEAST_ONE,

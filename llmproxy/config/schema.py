@@ -292,6 +292,10 @@ class AccessLogConfig:
     #: default: prompts are user data and may hold secrets.
     log_prompts: bool = False
     prompt_max_chars: int = 200
+    #: Entries allowed to wait for the writer; more are dropped and counted.
+    max_pending: int = 10_000
+    #: How often the writer wakes to write what has arrived, in seconds.
+    flush_interval_s: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
+from llmproxy.config.schema import AccessLogConfig as AccessLogConfig  # noqa: PLC0414 - re-export
+
 log = logging.getLogger(__name__)
 
 #: The values of ``AccessEntry.outcome``.
@@ -59,34 +61,6 @@ _ERROR_MAX = 500
 class Sink(Protocol):
     def write(self, text: str, /) -> object: ...
     def flush(self) -> object: ...
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLogConfig:
-    """YAML section ``access_log:``."""
-
-    enabled: bool = True
-    #: ``-`` for stdout, else a file opened for appending (reopened when
-    #: logrotate moves it away).
-    path: str = "-"
-    #: Include the prompt (cut to ``prompt_max_chars``) as ``prompt``. Off by
-    #: default: prompts are user data and may hold secrets.
-    log_prompts: bool = False
-    prompt_max_chars: int = 200
-    #: Entries allowed to wait for the writer; more are dropped and counted.
-    max_pending: int = 10_000
-    #: How often the writer wakes to write what has arrived, in seconds.
-    flush_interval_s: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.prompt_max_chars < 0:
-            raise ValueError("access_log.prompt_max_chars must be >= 0")
-        if self.max_pending < 1:
-            raise ValueError("access_log.max_pending must be >= 1")
-        if self.flush_interval_s <= 0:
-            raise ValueError("access_log.flush_interval_s must be > 0")
-        if not self.path:
-            raise ValueError("access_log.path must be '-' (stdout) or a file path")
 
 
 @dataclass(slots=True, kw_only=True)

@@ -133,6 +133,29 @@ class Metrics:
             ("pool", "action"),
             registry=r,
         )
+        self.ratelimited = Counter(
+            "llmproxy_ratelimited",
+            "Requests refused by a rate limit, by rule (rule name:requests|tokens|concurrency).",
+            ("rule",),
+            registry=r,
+        )
+        self.ratelimit_store_errors = Counter(
+            "llmproxy_ratelimit_store_errors",
+            "Rate-limit decisions the store (Redis) failed to answer.",
+            registry=r,
+        )
+        self.canary_weight = Gauge(
+            "llmproxy_canary_weight",
+            "Current weight (percent) of each pool of a route with a canary.",
+            ("route", "pool"),
+            registry=r,
+        )
+        self.canary_rollbacks = Counter(
+            "llmproxy_canary_rollbacks",
+            "Automatic and manual canary rollbacks.",
+            ("route",),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "llmproxy_config_reloads",
             "Config reloads, by result (success, error).",

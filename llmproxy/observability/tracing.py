@@ -37,6 +37,8 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from llmproxy.config.schema import TracingConfig as TracingConfig  # noqa: PLC0414 - re-export
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -49,27 +51,6 @@ if TYPE_CHECKING:
 _INSTALL_HINT = "pip install 'llmproxy[otel]'"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _SERVER_ERRORS = frozenset({"upstream_error", "midstream_error", "timeout"})
-
-
-@dataclass(frozen=True, slots=True)
-class TracingConfig:
-    """YAML section ``tracing:``."""
-
-    enabled: bool = False
-    #: ``service.name`` of the spans.
-    service_name: str = "llmproxy"
-    #: OTLP http/protobuf traces URL, e.g. ``http://collector:4318/v1/traces``;
-    #: ``None``: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or the exporter's
-    #: default, ``http://localhost:4318/v1/traces``.
-    otlp_endpoint: str | None = None
-    #: Share of new traces (no incoming ``traceparent``) that are recorded, 0..1.
-    sample_ratio: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ValueError("tracing.sample_ratio must be between 0 and 1")
-        if not self.service_name:
-            raise ValueError("tracing.service_name must not be empty")
 
 
 class TracingUnavailableError(RuntimeError):
@@ -173,6 +154,8 @@ class _NoopRequest:
 _NOOP_STREAM = _NoopStream()
 _NOOP_ATTEMPT = _NoopAttempt()
 _NOOP_REQUEST = _NoopRequest()
+#: The span of a request when tracing is off (shared, stateless).
+NOOP_SPAN: RequestSpan = _NOOP_REQUEST
 
 
 # -- the facade ---------------------------------------------------------------------

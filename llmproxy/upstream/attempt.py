@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -19,12 +20,13 @@ from prometheus_client import Histogram
 
 from llmproxy.errors import NoEligibleBackend, sse_error_event
 from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.observability.tracing import StreamSpan
 from llmproxy.pool.backend import Backend
 from llmproxy.pool.pool import Pool
 from llmproxy.resilience.retry import RetryableError, parse_retry_after
 from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.headers import client_response_headers
-from llmproxy.upstream.usage import find_usage
+from llmproxy.upstream.usage import find_usage, strip_usage_events
 from llmproxy.upstream.watchdog import Expiry, Watchdog
 
 log = logging.getLogger("llmproxy.upstream")
@@ -61,10 +63,21 @@ class _ClientGone(Exception):
     """A write to the client failed: it closed the connection."""
 
 
+#: Called after every attempt: (exchange, pool, verdict, time to first byte);
+#: verdict True success, False failure, None no verdict (e.g. canary analysis).
+AttemptHook = Callable[[Exchange, Pool, bool | None, float | None], None]
+
+
 class AttemptRunner:
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        on_attempt: Sequence[AttemptHook] = (),
+    ) -> None:
         self._session = session
         self._metrics = metrics
+        self._on_attempt = tuple(on_attempt)
 
     async def run(
         self, ex: Exchange, pool: Pool, backend: Backend, *, permit: bool
@@ -78,13 +91,24 @@ class AttemptRunner:
         resp: web.StreamResponse | None = None
         verdict: bool | None = None  # True success, False failure, None neutral
         ttfb: float | None = None
+        headers = ex.upstream_headers
+        assert headers is not None
+        if pool.config.api_key:  # the pool's own credential (vLLM --api-key)
+            headers["Authorization"] = f"Bearer {pool.config.api_key}"
+        elif ex.client_authorization is not None:
+            headers["Authorization"] = ex.client_authorization
+        else:
+            headers.popall("Authorization", None)
+        span = ex.span.start_attempt(pool.name, backend.name, ex.attempts)
+        span.inject(headers)
+        stream_span: StreamSpan | None = None
         try:
             try:
                 upstream = await self._session.request(
                     request.method,
                     backend.url_for(request.raw_path),
                     data=ex.body,
-                    headers=ex.upstream_headers,
+                    headers=headers,
                     allow_redirects=False,
                     skip_auto_headers=_SKIP_AUTO_HEADERS,
                     timeout=pool.client_timeout,
@@ -132,6 +156,8 @@ class AttemptRunner:
             await resp.prepare(request)
             self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
             is_sse = ex.stream = upstream.content_type == "text/event-stream"
+            if is_sse:
+                stream_span = ex.span.start_stream()
             ex.outcome = "ok" if verdict else "upstream_error"
             gaps = self._metrics.inter_chunk.labels(ex.route, ex.pool) if is_sse else None
             try:
@@ -181,6 +207,12 @@ class AttemptRunner:
         finally:
             wd.stop()
             backend.in_flight -= 1
+            outcome = "ok" if verdict else ("client_closed" if verdict is None else ex.outcome)
+            span.end(outcome, upstream.status if upstream is not None else None, ex.error)
+            if stream_span is not None:
+                stream_span.end(ex.outcome, chunks=ex.chunks, bytes_sent=ex.bytes_sent)
+            for hook in self._on_attempt:
+                hook(ex, pool, verdict, ttfb)
             if upstream is not None:
                 # Back to the keep-alive pool if the body was read to the end;
                 # aiohttp closes the connection otherwise.
@@ -223,6 +255,8 @@ class AttemptRunner:
     @staticmethod
     def finish_headers(resp: web.StreamResponse, ex: Exchange) -> None:
         h = resp.headers
+        if ex.response_headers:
+            h.update(ex.response_headers)
         h["x-request-id"] = ex.request_id
         if ex.backend is not NONE:
             h["x-llmproxy-backend"] = ex.backend
@@ -241,29 +275,38 @@ async def _relay(
 ) -> bytes:
     """Copy the body chunk by chunk, as it arrives; no buffering.
 
-    Returns the last bytes relayed (where ``usage`` is); counts bytes into
-    ``ex``; observes the gap between chunks of a stream into ``gaps``.
+    Returns the last bytes relayed (where ``usage`` is); counts chunks and
+    bytes into ``ex``; observes the gap between chunks of a stream into
+    ``gaps``; hides the usage event the gateway asked for (``ex.strip_usage``).
     """
     if not first:
         return b""
     loop = asyncio.get_running_loop()
-    await resp.write(first)
     read = upstream.content.readany
     write = resp.write
-    sent = len(first)
-    prev, last = b"", first
+    strip = ex.strip_usage
+    sent = chunks = 0
+    prev, last = b"", b""
     then = wd.last or loop.time()
+    chunk = first
     try:
-        while chunk := await read():
-            await write(chunk)
-            sent += len(chunk)
-            prev, last = last, chunk
+        while chunk:
+            if strip and b'"usage"' in chunk:
+                chunk, usage = strip_usage_events(chunk)
+                if usage is not None:
+                    ex.prompt_tokens, ex.completion_tokens = usage
+            if chunk:
+                await write(chunk)
+                sent += len(chunk)
+                chunks += 1
+                prev, last = last, chunk
+            chunk = await read()
             now = loop.time()
-            if gaps is not None:
+            if gaps is not None and chunk:
                 gaps.observe(now - then)
             wd.last = then = now
     finally:
-        ex.bytes_sent = sent
+        ex.bytes_sent, ex.chunks = sent, chunks
     return prev[-1024:] + last[-4096:]
 
 

@@ -11,6 +11,7 @@ from multidict import CIMultiDict
 
 from llmproxy.balancing.base import PickContext
 from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.observability.tracing import NOOP_SPAN, RequestSpan
 from llmproxy.pool.backend import Backend
 from llmproxy.pool.pool import Pool
 
@@ -22,7 +23,19 @@ class Exchange:
     #: Loop time when the request arrived.
     started: float
     task: asyncio.Task[object] | None = None
+    client_ip: str | None = None
     body: bytes | None = None
+    #: The client's Authorization header, when it may go upstream (no gateway auth).
+    client_authorization: str | None = None
+    api_key_name: str | None = None
+    span: RequestSpan = NOOP_SPAN
+    #: The stream's usage chunk was asked for by the gateway: hide it.
+    strip_usage: bool = False
+    #: Added to the response (x-ratelimit-*).
+    response_headers: dict[str, str] | None = None
+    #: Rate-limit admission to settle when the response ends (a Ticket).
+    ticket: object | None = None
+    chunks: int = 0
     upstream_headers: CIMultiDict[str] | None = None
     route: str = NONE
     pool: str = NONE

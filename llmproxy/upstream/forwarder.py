@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from llmproxy.balancing.base import PickContext
+from llmproxy.config.schema import RouteConfig, SplitTarget
 from llmproxy.errors import (
     NoEligibleBackend,
     ProxyError,
@@ -31,10 +32,12 @@ from llmproxy.errors import (
     proxy_error_response,
 )
 from llmproxy.observability.metrics import Metrics
+from llmproxy.observability.tracing import Tracing
+from llmproxy.policy.gate import ADMIN_TOKEN_HEADER, POOL_HEADER, GateKeeper
 from llmproxy.resilience.retry import RetryableError, make_retrying
 from llmproxy.routing.split import choose_pool, sticky_key
 from llmproxy.runtime import Runtime
-from llmproxy.upstream.attempt import AttemptRunner, StatusRetry
+from llmproxy.upstream.attempt import AttemptHook, AttemptRunner, StatusRetry
 from llmproxy.upstream.exchange import Exchange, Plan
 from llmproxy.upstream.headers import upstream_request_headers
 from llmproxy.upstream.request import ParsedRequest, parse_request
@@ -51,16 +54,26 @@ class Forwarder:
         rng: random.Random,
         runtime: Callable[[], Runtime],
         max_body_bytes: int,
+        gate: GateKeeper,
+        splits: Callable[[RouteConfig], Sequence[SplitTarget]] = lambda r: r.split,
+        tracing: Tracing | None = None,
         on_finish: Sequence[Callable[[Exchange, float], None]] = (),
+        on_attempt: Sequence[AttemptHook] = (),
     ) -> None:
         """``on_finish`` hooks get every request's outcome once, at its end (access
-        log, rate-limit settlement, canary analysis); they must not block."""
+        log, rate-limit settlement); ``on_attempt`` hooks every attempt's (canary
+        analysis). Neither may block. ``splits`` gives a route's weights now
+        (run-time overrides)."""
         self._on_finish = tuple(on_finish)
         self._metrics = metrics
         self._rng = rng
         self._runtime = runtime
         self._max_body = max_body_bytes
-        self._attempt = AttemptRunner(session, metrics)
+        #: Replaced on reload (keys and limits follow the config).
+        self.gate = gate
+        self._splits = splits
+        self._tracing = tracing if tracing is not None else Tracing.disabled()
+        self._attempt = AttemptRunner(session, metrics, on_attempt)
         self._active: set[Exchange] = set()
         self._idle: asyncio.Event | None = None
 
@@ -69,7 +82,10 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
-        ex = Exchange(request, request_id, loop.time(), asyncio.current_task())
+        ex = Exchange(request, request_id, loop.time(), asyncio.current_task(), request.remote)
+        ex.span = self._tracing.start_request(
+            request.method, request.path, request.headers, request_id=request_id
+        )
         self._active.add(ex)
         try:
             parsed = await parse_request(request, self._runtime(), self._max_body)
@@ -91,6 +107,13 @@ class Forwarder:
     def _finish(self, ex: Exchange, now: float) -> None:
         """The single place where a request's outcome is reported."""
         m = self._metrics
+        ex.span.end(
+            ex.status,
+            ex.outcome,
+            ex.error,
+            prompt_tokens=ex.prompt_tokens,
+            completion_tokens=ex.completion_tokens,
+        )
         m.requests.labels(ex.route, ex.pool, ex.backend, str(ex.status)).inc()
         m.duration.labels(ex.route, ex.pool).observe(now - ex.started)
         if ex.completion_tokens is not None and ex.prompt_tokens is not None:
@@ -133,15 +156,24 @@ class Forwarder:
         runtime = parsed.runtime
         route = parsed.route
         ex.route = route.name
-        client_ip = request.remote
-        key = sticky_key(route, request.headers, parsed.api_key, client_ip)
-        first = choose_pool(route.split, key, self._rng)
-        names = [first, *(p for p in route.fallback if p != first)]
-        plan = Plan([runtime.pools[n] for n in names], PickContext(hash_key=key), self._metrics)
-        ex.upstream_headers = upstream_request_headers(
-            request.headers, client_ip=client_ip, scheme=request.scheme, request_id=ex.request_id
-        )
         ex.body = parsed.body or None
+        headers = upstream_request_headers(
+            request.headers, client_ip=ex.client_ip, scheme=request.scheme, request_id=ex.request_id
+        )
+        gate = await self.gate.check(ex, parsed)
+        ex.response_headers, ex.ticket, ex.strip_usage = gate.headers, gate.ticket, gate.strip_usage
+        # The client's own key never goes upstream when the gateway checks keys.
+        if self.gate.auth_enabled:
+            headers.popall("Authorization", None)
+        ex.client_authorization = headers.get("Authorization")
+        headers.popall(POOL_HEADER, None)
+        headers.popall(ADMIN_TOKEN_HEADER, None)
+        ex.upstream_headers = headers
+        key = sticky_key(route, request.headers, parsed.api_key, ex.client_ip)
+        target = gate.target_pool
+        names = [target] if target is not None else self._pool_order(route, key)
+        ex.span.set_route(route.name, names[0])
+        plan = Plan([runtime.pools[n] for n in names], PickContext(hash_key=key), self._metrics)
         primary = plan.primary
         primary.budget.record_request()
         try:
@@ -201,6 +233,19 @@ class Forwarder:
         ex.backend = backend.name
         ex.attempts += 1
         return await self._attempt.run(ex, pool, backend, permit=permit)
+
+    def _pool_order(self, route: RouteConfig, key: str | None) -> list[str]:
+        """The split's choice first; then the route's other pools that carry
+        weight (heaviest first), so a failed canary attempt lands on stable;
+        then the route's fallback pools."""
+        split = self._splits(route)
+        first = choose_pool(split, key, self._rng)
+        names = [first]
+        for t in sorted(split, key=lambda t: -t.weight):
+            if t.weight > 0 and t.pool not in names:
+                names.append(t.pool)
+        names += [p for p in route.fallback if p not in names]
+        return names
 
     def _give_up(self, ex: Exchange, error: RetryableError) -> web.StreamResponse:
         log.info(

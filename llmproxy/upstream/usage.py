@@ -29,3 +29,24 @@ def find_usage(tail: bytes) -> tuple[int, int] | None:
     if prompt is None or completion is None:
         return None
     return int(prompt.group(1)), int(completion.group(1))
+
+
+def strip_usage_events(chunk: bytes) -> tuple[bytes, tuple[int, int] | None]:
+    """Remove usage-only SSE events (``"choices": []`` plus ``usage``) from a
+    chunk; return what is left and the usage they held.
+
+    Used when the gateway asked the replica for usage (to settle a token
+    budget) on behalf of a client that did not: the client must not see an
+    event it did not ask for (SDK code often reads ``choices[0]``).
+    """
+    found = None
+    kept = []
+    for event in chunk.split(b"\n\n"):
+        if b'"usage"' in event and _CHOICES_EMPTY.search(event):
+            found = find_usage(event) or found
+            continue
+        kept.append(event)
+    return b"\n\n".join(kept), found
+
+
+_CHOICES_EMPTY = re.compile(rb'"choices"\s*:\s*\[\s*\]')

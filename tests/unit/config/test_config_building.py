@@ -369,3 +369,20 @@ def test_rate_limit_and_server_additions() -> None:
     limits = config.rate_limits
     assert (limits.redis_timeout_s, limits.key_prefix) == (0.25, "gw:rl")
     assert [rule.name for rule in limits.rules] == ["per-ip", None]
+
+
+def test_access_log_and_tracing_sections_are_validated_at_load() -> None:
+    from llmproxy.config import ConfigError, parse_config
+
+    base = {"pools": {"p": {"backends": ["http://a:1"]}}, "routes": [{"name": "r", "pool": "p"}]}
+    for section, bad, path in [
+        ("access_log", {"max_pending": 0}, "access_log.max_pending"),
+        ("access_log", {"flush_interval_s": 0}, "access_log.flush_interval_s"),
+        ("tracing", {"sample_ratio": 2}, "tracing.sample_ratio"),
+    ]:
+        try:
+            parse_config({**base, section: bad}, {})
+        except ConfigError as exc:
+            assert any(e.startswith(path) for e in exc.errors), exc.errors
+        else:
+            raise AssertionError(f"{section} {bad} was accepted")

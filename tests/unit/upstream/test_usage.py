@@ -23,3 +23,15 @@ def test_no_usage() -> None:
     assert find_usage(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n') is None
     assert find_usage(b'{"usage": null}') is None
     assert find_usage(b"") is None
+
+
+def test_strip_usage_events_hides_the_chunk_the_gateway_asked_for() -> None:
+    from llmproxy.upstream.usage import strip_usage_events
+
+    content = b'data: {"choices":[{"delta":{"content":"hi"}}]}'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}'
+    chunk = content + b"\n\n" + usage + b"\n\ndata: [DONE]\n\n"
+    kept, found = strip_usage_events(chunk)
+    assert found == (4, 2)
+    assert kept == content + b"\n\ndata: [DONE]\n\n"
+    assert strip_usage_events(content + b"\n\n") == (content + b"\n\n", None)
