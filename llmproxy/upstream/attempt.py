@@ -102,6 +102,8 @@ class AttemptRunner:
         span = ex.span.start_attempt(pool.name, backend.name, ex.attempts)
         span.inject(headers)
         stream_span: StreamSpan | None = None
+        #: The attempt's outcome when the backend refused with a retryable status.
+        refused_as: str | None = None
         try:
             try:
                 upstream = await self._session.request(
@@ -141,6 +143,7 @@ class AttemptRunner:
                     ) from None
                 raise
             except StatusRetry as exc:
+                refused_as = "ratelimited" if exc.kind == "ratelimited" else "upstream_error"
                 self._count_error(pool, backend, exc.kind)
                 raise
 
@@ -207,7 +210,9 @@ class AttemptRunner:
         finally:
             wd.stop()
             backend.in_flight -= 1
-            outcome = "ok" if verdict else ("client_closed" if verdict is None else ex.outcome)
+            outcome = refused_as or (
+                "ok" if verdict else ("client_closed" if verdict is None else ex.outcome)
+            )
             span.end(outcome, upstream.status if upstream is not None else None, ex.error)
             if stream_span is not None:
                 stream_span.end(ex.outcome, chunks=ex.chunks, bytes_sent=ex.bytes_sent)

@@ -81,13 +81,14 @@ async def parse_request(request: web.Request, runtime: Runtime, max_body: int) -
     body = await read_body(request, max_body)
     table = runtime.table
     model = None
-    if table.needs_model and table.needs_model_for(request.path, request.headers):
+    looked = table.needs_model and table.needs_model_for(request.path, request.headers)
+    if looked:
         model = extract_model(body, request.content_type)
     route = table.match(request.path, model, request.headers)
     if route is None:
         if model is not None:
             raise ModelNotFound(f"The model `{model}` does not exist.")
-        if table.needs_model and request.method == "POST" and body:
+        if looked and request.method == "POST" and body:
             raise BadRequest("you must provide a model parameter")
         raise NotFound(f"no route for {request.method} {request.path}")
     return ParsedRequest(runtime, route, body, model, bearer_token(request))
