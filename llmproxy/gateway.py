@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from llmproxy.cluster.news import BackendNews, ClusterNews, apply_news
 from llmproxy.config import ConfigError, load_config
 from llmproxy.config.schema import BackendConfig, Config
+from llmproxy.discovery.dns import Resolver
 from llmproxy.discovery.manager import DiscoveryManager
 from llmproxy.health.supervisor import HealthSupervisor
 from llmproxy.observability.access_log import AccessEntry, AccessLog
 from llmproxy.observability.events import Events
 from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.observability.saturation import SaturationScraper
 from llmproxy.observability.tracing import Tracing
 from llmproxy.policy.gate import GateKeeper
 from llmproxy.policy.ratelimit import RateLimiter, build_store
@@ -49,7 +52,9 @@ class Gateway:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        resolver: Resolver | None = None,
     ) -> None:
+        """``resolver``: DNS for discovered pools (the system's by default)."""
         self.rng = rng if rng is not None else random.Random()
         self.metrics = metrics if metrics is not None else Metrics()
         self.events = Events(self.metrics)
@@ -58,7 +63,7 @@ class Gateway:
         self.traffic = Traffic(config, self.metrics, clock)
         self.tracing = Tracing.from_config(config.tracing)
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
-        self.discovery = DiscoveryManager(self._discovered, self.rng, clock)
+        self.discovery = DiscoveryManager(self._discovered, self.rng, clock, resolver)
         #: Set on shutdown: /readyz turns 503 so load balancers stop sending.
         self.draining = False
         self.last_reload = ReloadStatus()
@@ -67,6 +72,8 @@ class Gateway:
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthSupervisor | None = None
         self._canary_task: asyncio.Task[None] | None = None
+        self._saturation_task: asyncio.Task[None] | None = None
+        self._news: ClusterNews | None = None
         self.gate: GateKeeper | None = None
         self.forwarder: Forwarder | None = None
         self.metrics.register_runtime(lambda: self.runtime)
@@ -119,10 +126,25 @@ class Gateway:
         )
         self._health.sync()
         self._canary_task = asyncio.create_task(self.traffic.run(), name="canary-analysis")
+        saturation = SaturationScraper(
+            lambda: self.runtime.pools,
+            self._health_session,
+            asyncio.get_running_loop().time,
+            lambda pool: self.runtime.pools[pool].config.autoscale,
+        )
+        saturation.register(self.metrics.registry)
+        self._saturation_task = asyncio.create_task(saturation.run(), name="saturation")
+        if config.cluster.enabled:
+            self._news = ClusterNews(config.cluster, self._on_news)
+            self.events.on_down.append(self._publish_down)
+            await self._news.start()
 
     async def close(self) -> None:
-        if self._canary_task is not None:
-            self._canary_task.cancel()
+        for task in (self._canary_task, self._saturation_task):
+            if task is not None:
+                task.cancel()
+        if self._news is not None:
+            await self._news.close()
         await self.discovery.stop()
         if self._health is not None:
             await self._health.close()
@@ -194,6 +216,29 @@ class Gateway:
                     trace_id=ex.span.trace_id,
                 )
             )
+
+    # -- news from other gateway instances ---------------------------------------
+
+    def _publish_down(self, pool: str, backend: str, reason: str) -> None:
+        if self._news is not None:
+            self._news.publish_nowait(self._news.news(pool, backend, "down", reason))
+
+    def _on_news(self, news: BackendNews) -> None:
+        p = self.runtime.pools.get(news.pool)
+        if p is None or p.get(news.backend) is None:
+            return
+        hold_s = p.config.breaker.reset_timeout_s
+
+        def eject(pool: str, backend: str, for_s: float) -> None:
+            b = p.get(backend)
+            if b is not None:
+                b.ejected_until = max(b.ejected_until, self.clock() + for_s)
+                log.warning(
+                    "backend %s/%s held out for %.1fs: instance %s says %s",
+                    pool, backend, for_s, news.instance, news.reason,
+                )  # fmt: skip
+
+        apply_news(news, time.time(), eject, hold_s)
 
     # -- operator actions --------------------------------------------------------
 

@@ -43,7 +43,9 @@ from llmproxy.config.schema import Config
 log = logging.getLogger(__name__)
 
 _MIN_GAUGES = frozenset({"llmproxy_backend_healthy", "llmproxy_backend_available"})
-_SUM_GAUGES = frozenset({"llmproxy_backend_in_flight"})
+_SUM_GAUGES = frozenset(
+    {"llmproxy_backend_in_flight", "llmproxy_pool_in_flight", "llmproxy_pool_desired_replicas"}
+)
 
 
 @dataclass(slots=True)

@@ -22,7 +22,13 @@ from llmproxy.config.fields import (
     read_str,
     require,
 )
-from llmproxy.config.schema import AccessLogConfig, ApiKeyConfig, AuthConfig, TracingConfig
+from llmproxy.config.schema import (
+    AccessLogConfig,
+    ApiKeyConfig,
+    AuthConfig,
+    ClusterConfig,
+    TracingConfig,
+)
 from llmproxy.config.values import http_url_problem
 
 _KEY_IDS = ("name", "sha256")
@@ -106,3 +112,15 @@ def build_tracing(value: object, issues: Issues) -> TracingConfig:
     if problem is not None:
         issues.add("tracing.otlp_endpoint", problem)
     return replace(config, otlp_endpoint=endpoint)
+
+
+def build_cluster(value: object, issues: Issues) -> ClusterConfig:
+    config = build_section(ClusterConfig, value, "cluster", issues, ClusterConfig())
+    url = (config.redis or "").strip() or None
+    if config.enabled and url is None:
+        issues.add("cluster.redis", "is required when cluster.enabled is true (a redis:// URL)")
+    elif url is not None and not url.startswith(("redis://", "rediss://")):
+        issues.add("cluster.redis", f"must be a redis:// or rediss:// URL, got {url!r}")
+    if not config.channel.strip():
+        issues.add("cluster.channel", "must not be empty")
+    return replace(config, redis=url)

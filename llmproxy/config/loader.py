@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from llmproxy.config.env import EnvScalar, interpolate
 from llmproxy.config.errors import ConfigError, Issues, index_path, key_path
-from llmproxy.config.features import build_access_log, build_auth, build_tracing
+from llmproxy.config.features import build_access_log, build_auth, build_cluster, build_tracing
 from llmproxy.config.fields import (
     apply_fields,
     build_section,
@@ -48,6 +48,7 @@ _TOP_KEYS = (
     "auth",
     "access_log",
     "tracing",
+    "cluster",
 )
 #: ``rate_limits`` keys read with the schema's types and bounds.
 _RATE_LIMIT_SCALARS = ("redis_timeout_s", "key_prefix")
@@ -109,6 +110,7 @@ def _build(data: object, issues: Issues, source: str | None) -> Config | None:
         auth=build_auth(top.get("auth"), issues),
         access_log=build_access_log(top.get("access_log"), issues),
         tracing=build_tracing(top.get("tracing"), issues),
+        cluster=build_cluster(top.get("cluster"), issues),
         source=source,
     )
 

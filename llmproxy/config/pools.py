@@ -34,6 +34,7 @@ from llmproxy.config.fields import (
 )
 from llmproxy.config.schema import (
     BALANCERS,
+    AutoscaleConfig,
     BackendConfig,
     BreakerConfig,
     DiscoveryConfig,
@@ -54,7 +55,9 @@ from llmproxy.config.values import (
     parse_key_mode,
 )
 
-_S = TypeVar("_S", HealthConfig, BreakerConfig, RetryConfig, TimeoutsConfig, OutlierConfig)
+_S = TypeVar(
+    "_S", HealthConfig, BreakerConfig, RetryConfig, TimeoutsConfig, OutlierConfig, AutoscaleConfig
+)
 
 #: Pool-level scalars, read with the schema's types and bounds.
 _SCALAR_KEYS = ("slow_start_s", "panic_mode", "api_key")
@@ -66,6 +69,7 @@ _SETTINGS_KEYS = (
     "retry",
     "timeouts",
     "outlier",
+    "autoscale",
     *_SCALAR_KEYS,
 )
 _POOL_KEYS = ("backends", "discovery", *_SETTINGS_KEYS)
@@ -187,7 +191,23 @@ def _apply_settings(
         retry=section("retry", RetryConfig, base.retry),
         timeouts=section("timeouts", TimeoutsConfig, base.timeouts),
         outlier=section("outlier", OutlierConfig, base.outlier),
+        autoscale=_autoscale(section("autoscale", AutoscaleConfig, base.autoscale), path, issues),
     )
+
+
+def _autoscale(cfg: AutoscaleConfig, path: str, issues: Issues) -> AutoscaleConfig:
+    where = key_path(path, "autoscale")
+    if cfg.stale_after_s < cfg.scrape_interval_s:
+        issues.add(
+            key_path(where, "stale_after_s"),
+            f"must be at least scrape_interval_s ({cfg.scrape_interval_s}),"
+            f" got {cfg.stale_after_s}",
+        )
+    if not cfg.metrics_path.startswith("/"):
+        issues.add(
+            key_path(where, "metrics_path"), f"must start with '/', got {cfg.metrics_path!r}"
+        )
+    return cfg
 
 
 def _check_consistency(pool: PoolConfig, path: str, issues: Issues) -> None:

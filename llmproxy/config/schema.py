@@ -119,6 +119,32 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscaleConfig:
+    """``pools.NAME.autoscale``: saturation signals for a replica autoscaler."""
+
+    enabled: bool = True
+    #: How often each replica's /metrics (vLLM's queue gauges) is scraped.
+    scrape_interval_s: float = 5.0
+    #: A scraped value older than this no longer counts.
+    stale_after_s: float = 15.0
+    #: In-flight requests one replica should carry; sets the desired replica count.
+    target_in_flight_per_replica: float = 8.0
+    metrics_path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``cluster:``: gateway instances share "backend down" news through Redis."""
+
+    enabled: bool = False
+    #: A redis:// URL; required when enabled.
+    redis: str | None = None
+    channel: str = "llmproxy:news"
+    #: This instance's id in messages; empty: hostname-pid.
+    instance: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     connect_s: float = 2.0
     #: From sending the request to the first byte of the response body.
@@ -165,6 +191,7 @@ class PoolConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     #: A backend that joins or returns ramps its weight up over this long (its
     #: prefix cache is cold); 0 turns it off.
     slow_start_s: float = 10.0
@@ -323,4 +350,5 @@ class Config:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     #: The file this was loaded from, for reloads; ``None`` when built in code.
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str | None = None

@@ -380,9 +380,35 @@ def test_access_log_and_tracing_sections_are_validated_at_load() -> None:
         ("access_log", {"flush_interval_s": 0}, "access_log.flush_interval_s"),
         ("tracing", {"sample_ratio": 2}, "tracing.sample_ratio"),
     ]:
-        try:
+        with pytest.raises(ConfigError) as caught:
             parse_config({**base, section: bad}, {})
-        except ConfigError as exc:
-            assert any(e.startswith(path) for e in exc.errors), exc.errors
-        else:
-            raise AssertionError(f"{section} {bad} was accepted")
+        assert any(e.startswith(path) for e in caught.value.errors), caught.value.errors
+
+
+def test_autoscale_and_cluster_sections() -> None:
+    from llmproxy.config import ConfigError, parse_config
+
+    base = {"pools": {"p": {"backends": ["http://a:1"]}}, "routes": [{"name": "r", "pool": "p"}]}
+    cfg = parse_config(
+        {
+            **base,
+            "pools": {
+                "p": {"backends": ["http://a:1"], "autoscale": {"target_in_flight_per_replica": 4}}
+            },
+            "cluster": {"enabled": True, "redis": "redis://r:6379/0"},
+        },
+        {},
+    )
+    assert cfg.pools["p"].autoscale.target_in_flight_per_replica == 4
+    assert cfg.cluster.enabled
+    for bad, path in [
+        ({"cluster": {"enabled": True}}, "cluster.redis"),
+        ({"cluster": {"redis": "http://x"}}, "cluster.redis"),
+        (
+            {"pools": {"p": {"backends": ["http://a:1"], "autoscale": {"stale_after_s": 1}}}},
+            "pools.p.autoscale.stale_after_s",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config({**base, **bad}, {})
+        assert any(e.startswith(path) for e in caught.value.errors), caught.value.errors

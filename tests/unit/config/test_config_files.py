@@ -187,7 +187,7 @@ def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     errors = check_config(write(tmp_path, text), env={})
     assert errors == [
         "x-backend: unknown key (known: server, admin, defaults, pools, routes, rate_limits,"
-        " auth, access_log, tracing)"
+        " auth, access_log, tracing, cluster)"
     ]
 
 

@@ -586,13 +586,13 @@ CASES: list[tuple[str, object, str | At]] = [
         "defaults.backends",
         [],
         "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts,"
-        " outlier, slow_start_s, panic_mode, api_key)",
+        " outlier, autoscale, slow_start_s, panic_mode, api_key)",
     ),
     (
         "defaults.discovery",
         DISCOVERY,
         "unknown key (known: balancer, hash_key, health, breaker, retry, timeouts,"
-        " outlier, slow_start_s, panic_mode, api_key)",
+        " outlier, autoscale, slow_start_s, panic_mode, api_key)",
     ),
     ("defaults.timeouts.idle_s", 0, "must be greater than 0, got 0"),
     (
