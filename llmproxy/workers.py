@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.admin.api import require_token
 from llmproxy.admin.status_page import status_page_handler
+from llmproxy.config import ConfigError, load_config
 from llmproxy.config.schema import Config
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,17 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(sig)
 
+    def _reload(self) -> None:
+        """SIGHUP: every worker reloads; the supervisor re-reads the file too,
+        for the admin token it checks (kept if the file is invalid)."""
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "reload: %s is invalid; workers keep their config:\n%s", self.config_path, exc
+            )
+        self.signal_all(signal.SIGHUP)
+
     # -- admin fan-out ---------------------------------------------------------
 
     async def _ask_all(
@@ -189,7 +201,7 @@ class Supervisor:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     def admin_app(self) -> web.Application:
-        guard = require_token(self.config.admin.token)
+        guard = require_token(self.config.admin.token, lambda: self.config.admin.token)
         app = web.Application()
 
         async def healthz(_: web.Request) -> web.Response:
@@ -224,7 +236,7 @@ class Supervisor:
                 on_listening(url, admin_url)
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
             await stop.wait()
         finally:
             self.stopping = True

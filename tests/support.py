@@ -88,7 +88,8 @@ class Proc:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.popen.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"{args} did not start: {self.log()}")
+                log = self.log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"{args} did not start: {log}")
             try:
                 line = self._lines.get(timeout=min(remaining, 0.2))
             except queue.Empty:
@@ -103,7 +104,8 @@ class Proc:
             self._lines.put(line)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
     @property

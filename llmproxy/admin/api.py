@@ -37,12 +37,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def require_token(token: str | None) -> Callable[[_Handler], _Handler]:
-    expected = f"Bearer {token}".encode() if token else None
+def require_token(
+    token: str | None, current: Callable[[], str | None] | None = None
+) -> Callable[[_Handler], _Handler]:
+    """Guard handlers with ``Authorization: Bearer TOKEN``.
+
+    ``current`` gives the token of the config in force, so that a reload
+    rotates it. When a reload drops the token, the last one seen in force
+    (at first ``token``) stays required: a reload never opens a guarded
+    admin API.
+    """
+    last = token
 
     def wrap(handler: _Handler) -> _Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if expected is not None:
+            nonlocal last
+            live = current() if current is not None else None
+            if live:
+                last = live
+            if last:
+                expected = f"Bearer {last}".encode()
                 given = request.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(given, expected):
                     return proxy_error_response(
@@ -200,7 +214,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         raise AdminConfigError(
             f"admin.token: the admin listener on {cfg.host} is not loopback-only; set a token"
         )
-    guard = require_token(cfg.token)
+    guard = require_token(cfg.token, lambda: gateway.config.admin.token)
     app = web.Application()
     app[GATEWAY] = gateway
     app.router.add_get("/", status_page_handler)  # no data in it: its fetches send the token

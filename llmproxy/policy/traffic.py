@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -76,8 +77,14 @@ class Traffic:
         unknown = set(weights) - known
         if unknown:
             raise TrafficError(f"pools not in route '{route}': {', '.join(sorted(unknown))}")
-        if any(not isinstance(w, int | float) or w < 0 for w in weights.values()):
-            raise TrafficError("weights must be numbers >= 0")
+        # bool is an int; NaN and Infinity (Python's json reads both) would
+        # break every request of the route (choose_pool: 500, or all traffic
+        # on the wrong pool).
+        if any(
+            isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < math.inf
+            for w in weights.values()
+        ):
+            raise TrafficError("weights must be finite numbers >= 0")
         split = tuple(SplitTarget(t.pool, float(weights.get(t.pool, 0.0))) for t in r.split)
         if not any(t.weight > 0 for t in split):
             raise TrafficError("at least one pool needs a weight above 0")

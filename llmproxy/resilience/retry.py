@@ -16,12 +16,18 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Any
+from typing import Any, Protocol
 
 import tenacity
 
 from llmproxy.config.schema import RetryConfig
-from llmproxy.resilience.budget import RetryBudget
+
+
+class Budget(Protocol):
+    """What the retry loop asks before each retry (a :class:`RetryBudget`, or
+    one that picks the budget of the pool the retry goes to)."""
+
+    def try_spend(self) -> bool: ...
 
 
 class RetryableError(Exception):
@@ -109,7 +115,7 @@ class _StopPolicy(tenacity.stop.stop_base):
     def __init__(
         self,
         cfg: RetryConfig,
-        budget: RetryBudget,
+        budget: Budget,
         max_attempts: int,
         can_retry: Callable[[RetryableError], bool],
         on_budget_exhausted: Callable[[], None] | None,
@@ -160,7 +166,7 @@ class _Retrying(tenacity.AsyncRetrying):
 
 def make_retrying(
     cfg: RetryConfig,
-    budget: RetryBudget,
+    budget: Budget,
     rng: random.Random,
     *,
     max_attempts: int,

@@ -290,16 +290,19 @@ async def _relay(
     read = upstream.content.readany
     write = resp.write
     strip = ex.strip_usage
+    carry = b""  # with strip: the incomplete SSE event held until it ends
     sent = chunks = 0
     prev, last = b"", b""
     then = wd.last or loop.time()
     chunk = first
     try:
         while chunk:
-            if strip and b'"usage"' in chunk:
-                chunk, usage = strip_usage_events(chunk)
-                if usage is not None:
-                    ex.prompt_tokens, ex.completion_tokens = usage
+            if strip:
+                chunk, carry = _whole_events(carry + chunk)
+                if b'"usage"' in chunk:
+                    chunk, usage = strip_usage_events(chunk)
+                    if usage is not None:
+                        ex.prompt_tokens, ex.completion_tokens = usage
             if chunk:
                 await write(chunk)
                 sent += len(chunk)
@@ -310,9 +313,20 @@ async def _relay(
             if gaps is not None and chunk:
                 gaps.observe(now - then)
             wd.last = then = now
+        if carry:  # the stream ended inside an event: pass on what came
+            await write(carry)
+            sent += len(carry)
     finally:
         ex.bytes_sent, ex.chunks = sent, chunks
     return prev[-1024:] + last[-4096:]
+
+
+def _whole_events(data: bytes) -> tuple[bytes, bytes]:
+    """Split at the end of the last complete SSE event: (events, the rest)."""
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return b"", data
+    return data[: end + 2], data[end + 2 :]
 
 
 def _uncancel() -> None:

@@ -63,9 +63,12 @@ class Plan:
     """Which backend the next attempt goes to.
 
     Pools are tried in order; within a pool, up to its ``retry.attempts``
-    attempts, never on a backend already tried while an untried eligible one
-    exists. A pool with no eligible backend is skipped (route fallback); in
-    panic mode it yields the backend that failed least recently instead.
+    attempts. A backend already tried for this request is never tried again
+    while an untried eligible one exists, in this pool or a later one (Envoy's
+    retry host predicate): a failed canary attempt moves to the stable pool
+    rather than retrying the same canary replica. A pool with no eligible
+    backend is skipped (route fallback); in panic mode it yields the backend
+    that failed least recently instead.
     """
 
     pools: list[Pool]
@@ -90,30 +93,64 @@ class Plan:
             if self.in_pool < pool.config.retry.attempts:
                 backend = pool.acquire(self.ctx, self.tried)
                 if backend is not None:
-                    return self._take(pool, backend, permit=True)
-                if self.in_pool == 0:
+                    if backend not in self.tried or not self._later_has_untried():
+                        return self._take(pool, backend, permit=True)
+                    pool.record_neutral(backend, permit=True)  # give the permit back
+                elif self.in_pool == 0:
                     if pool.config.panic_mode and (panic := pool.panic_pick()) is not None:
                         self.metrics.no_backend.labels(pool.name, "panic").inc()
                         return self._take(pool, panic, permit=False)
                     self.metrics.no_backend.labels(pool.name, "skipped").inc()
             self.index += 1
             self.in_pool = 0
-            self.tried = []
         return None
 
-    def has_next(self) -> bool:
-        """Whether another attempt could be made (cheap check, no permit taken)."""
+    def next_pool(self) -> Pool | None:
+        """The pool the next attempt would go to (no permit taken): the one
+        whose retry budget pays for the retry."""
         now = self.primary.clock()
         for i in range(self.index, len(self.pools)):
             pool = self.pools[i]
             used = self.in_pool if i == self.index else 0
-            if used < pool.config.retry.attempts and (
-                pool.candidates(now) or (used == 0 and pool.config.panic_mode)
-            ):
-                return True
-        return False
+            if used >= pool.config.retry.attempts:
+                continue
+            cands = pool.candidates(now)
+            untried = [b for b in cands if b not in self.tried]
+            if untried or (cands and not self._later_has_untried(i)):
+                return pool
+            if not cands and used == 0 and pool.config.panic_mode:
+                return pool
+        return None
+
+    def has_next(self) -> bool:
+        """Whether another attempt could be made (cheap check, no permit taken)."""
+        return self.next_pool() is not None
+
+    def _later_has_untried(self, index: int | None = None) -> bool:
+        now = self.primary.clock()
+        start = (self.index if index is None else index) + 1
+        return any(b not in self.tried for pool in self.pools[start:] for b in pool.candidates(now))
 
     def _take(self, pool: Pool, backend: Backend, *, permit: bool) -> tuple[Pool, Backend, bool]:
         self.in_pool += 1
         self.tried.append(backend)
         return pool, backend, permit
+
+
+class PlanBudget:
+    """The retry budget of the pool the next attempt goes to: retries are
+    paid for by the pool that receives them, so a small canary pool does not
+    spend its budget on failures that the stable pool absorbs."""
+
+    def __init__(self, plan: Plan, metrics: Metrics) -> None:
+        self._plan = plan
+        self._metrics = metrics
+
+    def try_spend(self) -> bool:
+        pool = self._plan.next_pool()
+        if pool is None:
+            return True  # nothing to retry on; can_retry says no
+        if pool.budget.try_spend():
+            return True
+        self._metrics.retry_budget_exhausted.labels(pool.name).inc()
+        return False

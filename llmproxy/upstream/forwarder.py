@@ -38,7 +38,7 @@ from llmproxy.resilience.retry import RetryableError, make_retrying
 from llmproxy.routing.split import choose_pool, sticky_key
 from llmproxy.runtime import Runtime
 from llmproxy.upstream.attempt import AttemptHook, AttemptRunner, StatusRetry
-from llmproxy.upstream.exchange import Exchange, Plan
+from llmproxy.upstream.exchange import Exchange, Plan, PlanBudget
 from llmproxy.upstream.headers import upstream_request_headers
 from llmproxy.upstream.request import ParsedRequest, parse_request
 
@@ -187,22 +187,13 @@ class Forwarder:
                 return False
             return plan.has_next()
 
+        budget = PlanBudget(plan, self._metrics)
         retrying = make_retrying(
-            retry_cfg,
-            primary.budget,
-            self._rng,
-            max_attempts=plan.max_attempts - 1,
-            can_retry=can_retry,
-            on_budget_exhausted=lambda: self._metrics.retry_budget_exhausted.labels(
-                primary.name
-            ).inc(),
+            retry_cfg, budget, self._rng, max_attempts=plan.max_attempts - 1, can_retry=can_retry
         )
         # tenacity consults the budget between its own attempts; the first
         # retry (immediate: it goes to another backend) is checked here.
-        if not can_retry(error):
-            return self._give_up(ex, error)
-        if not primary.budget.try_spend():
-            self._metrics.retry_budget_exhausted.labels(primary.name).inc()
+        if not can_retry(error) or not budget.try_spend():
             return self._give_up(ex, error)
         try:
             async for attempt in retrying:

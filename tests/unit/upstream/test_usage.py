@@ -35,3 +35,14 @@ def test_strip_usage_events_hides_the_chunk_the_gateway_asked_for() -> None:
     assert found == (4, 2)
     assert kept == content + b"\n\ndata: [DONE]\n\n"
     assert strip_usage_events(content + b"\n\n") == (content + b"\n\n", None)
+
+
+def test_events_split_across_reads_are_held_until_complete() -> None:
+    from llmproxy.upstream.attempt import _whole_events
+
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\n\n'
+    head, tail = usage[:30], usage[30:]
+    assert _whole_events(head) == (b"", head)
+    events, rest = _whole_events(head + tail + b"data: [DO")
+    assert events == usage
+    assert rest == b"data: [DO"
