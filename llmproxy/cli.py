@@ -87,6 +87,17 @@ def _cmd_sim(ns: argparse.Namespace) -> int:
     return _run(sim.serve(sim.config_from_args(ns)))
 
 
+def _cmd_hash_key(ns: argparse.Namespace) -> int:
+    from llmproxy.policy.auth import hash_key_command  # noqa: PLC0415
+
+    try:
+        print(hash_key_command(ns.key, ns.name))
+    except ValueError as exc:
+        print(f"llmproxy: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from llmproxy.demo import run_demo  # noqa: PLC0415
 
@@ -122,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="pools and backends from the admin API, like kubectl get")
     add_status_arguments(p)
     p.set_defaults(func=run_status)
+
+    p = sub.add_parser("hash-key", help="make an API key (or hash one) for auth.keys")
+    p.add_argument("key", nargs="?", default=None, help="an existing key; omitted: a new one")
+    p.add_argument("--name", default="tenant", help="the key's name (tenant) in the config")
+    p.set_defaults(func=_cmd_hash_key)
 
     p = sub.add_parser("demo", help="three simulated replicas and a gateway in front of them")
     p.add_argument("--host", default="127.0.0.1")
