@@ -14,6 +14,12 @@ from llmproxy.config.schema import BackendConfig
 from llmproxy.health.slow_start import slow_start_factor
 from llmproxy.resilience.breaker import Breaker
 
+#: A failing backend keeps at least this share of its weight, so it still sees
+#: the odd request and its success rate can recover.
+MIN_SUCCESS_FACTOR = 0.05
+#: Weight of the newest outcome in the smoothed success rate.
+SUCCESS_ALPHA = 0.2
+
 
 class Backend:
     __slots__ = (
@@ -32,6 +38,7 @@ class Backend:
         "name",
         "ramp_from",
         "ramp_until",
+        "success_rate",
         "weight",
     )
 
@@ -56,10 +63,15 @@ class Backend:
         self.last_failure_at = 0.0
         #: Cut below 1 by the outlier detector while its latency is an outlier.
         self.latency_factor = 1.0
+        #: Smoothed share of recent attempts that succeeded (1 = all). A replica
+        #: that fails fast looks idle to least-connections; this keeps it from
+        #: drawing the traffic it fails, long before it is ejected.
+        self.success_rate = 1.0
         #: Slow start: the weight ramps up between these loop times.
         self.ramp_from = 0.0
         self.ramp_until = 0.0
-        #: What balancers read: weight x latency factor x slow-start ramp; > 0.
+        #: What balancers read: weight x latency factor x success factor x
+        #: slow-start ramp; > 0.
         #: Kept as a plain attribute, refreshed by the pool, so a pick is cheap.
         self.effective_weight = self.weight
 
@@ -71,10 +83,14 @@ class Backend:
         self.refresh_weight(now)
 
     def refresh_weight(self, now: float) -> None:
-        w = self.weight * self.latency_factor
+        w = self.weight * self.latency_factor * max(MIN_SUCCESS_FACTOR, self.success_rate**2)
         if now < self.ramp_until:
             w *= slow_start_factor(now - self.ramp_from, self.ramp_until - self.ramp_from)
         self.effective_weight = w
+
+    def observe_outcome(self, ok: bool, now: float) -> None:
+        self.success_rate += SUCCESS_ALPHA * ((1.0 if ok else 0.0) - self.success_rate)
+        self.refresh_weight(now)
 
     def available(self, now: float) -> bool:
         """May take a new request now (the breaker's probe limit included)."""

@@ -180,15 +180,15 @@ class Pool:
         """``permit``: the attempt held a breaker permit (not a panic pick)."""
         if permit:
             backend.breaker.record_success()
-        self.outlier.on_success(backend.name, self.clock(), ttfb_s)
-        factor = self.outlier.weight_factor(backend.name)
-        if factor != backend.latency_factor:
-            backend.latency_factor = factor
-            backend.refresh_weight(self.clock())
+        now = self.clock()
+        self.outlier.on_success(backend.name, now, ttfb_s)
+        backend.latency_factor = self.outlier.weight_factor(backend.name)
+        backend.observe_outcome(True, now)
 
     def record_failure(self, backend: Backend, *, permit: bool) -> None:
         now = self.clock()
         backend.last_failure_at = now
+        backend.observe_outcome(False, now)
         if permit:
             backend.breaker.record_failure()
         ejection = self.outlier.on_failure(backend.name, now)

@@ -186,6 +186,16 @@ class AttemptRunner:
                 await self._fail_midstream(
                     ex, pool, backend, resp, is_sse=is_sse, message=f"upstream failed: {exc}"
                 )
+            except ConnectionError as exc:  # writing to a client that has gone
+                raise _ClientGone from exc
+            except Exception:
+                # Isolation boundary: a bug of ours after the commit point must
+                # still end the response visibly, never leave the client hanging.
+                log.exception("request %s: error while relaying the response", ex.request_id)
+                verdict = None
+                await self._fail_midstream(
+                    ex, pool, backend, resp, is_sse=is_sse, message="internal error in the gateway"
+                )
             else:
                 await resp.write_eof()
                 usage = find_usage(tail)

@@ -194,7 +194,7 @@ class Forwarder:
         # tenacity consults the budget between its own attempts; the first
         # retry (immediate: it goes to another backend) is checked here.
         if not can_retry(error) or not budget.try_spend():
-            return self._give_up(ex, error)
+            return self._give_up(ex, plan, error)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -206,7 +206,7 @@ class Forwarder:
                         raise
         except RetryableError as exc:
             error = exc
-        return self._give_up(ex, error)
+        return self._give_up(ex, plan, error)
 
     async def _one(self, ex: Exchange, plan: Plan) -> web.StreamResponse:
         picked = plan.next()
@@ -238,7 +238,7 @@ class Forwarder:
         names += [p for p in route.fallback if p not in names]
         return names
 
-    def _give_up(self, ex: Exchange, error: RetryableError) -> web.StreamResponse:
+    def _give_up(self, ex: Exchange, plan: Plan, error: RetryableError) -> web.StreamResponse:
         log.info(
             "request %s failed after %d attempt(s): %s %s",
             ex.request_id, ex.attempts, error.kind, error.detail,
@@ -251,6 +251,13 @@ class Forwarder:
             ex.status, ex.outcome, ex.error = resp.status, "upstream_error", error.detail
             return resp
         ex.error = error.detail
+        if error.kind == "connect":
+            # No backend could be reached at all (Envoy's 503 "upstream
+            # connect error"): the client may come back shortly.
+            raise NoEligibleBackend(
+                f"upstream unavailable: {error.detail}",
+                headers={"Retry-After": str(plan.primary.retry_after_s())},
+            )
         if error.kind == "timeout":
             ex.outcome = "timeout"
             raise UpstreamTimeout(f"upstream timed out: {error.detail}")

@@ -59,7 +59,7 @@ def test_dead_backend_is_retried_invisibly(tmp: Path, sim: Sim) -> None:
         gw.stop()
 
 
-def test_all_backends_dead_gives_502_json(tmp: Path) -> None:
+def test_all_backends_unreachable_gives_503_with_retry_after(tmp: Path) -> None:
     cfg = pool_config(closed_port_url(), closed_port_url())
     cfg["pools"]["main"]["health"] = {"enabled": False}
     gw = Gateway(tmp, cfg)
@@ -67,7 +67,10 @@ def test_all_backends_dead_gives_502_json(tmp: Path) -> None:
         status, headers, body = http(
             "POST", f"{gw.url}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}
         )
-        assert status == 502
+        # Nothing could be reached at all: 503 and a hint when to come back
+        # (as Envoy answers an upstream connect error), not a 502.
+        assert status == 503
+        assert int(headers["Retry-After"]) >= 1
         assert json.loads(body)["error"]["type"] == "upstream_error"
         # Both backends tried; the third (default) attempt may reuse one, as
         # all eligible backends have been tried.
