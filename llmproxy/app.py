@@ -17,31 +17,10 @@ from aiohttp import web
 
 from llmproxy.admin.api import build_admin_app
 from llmproxy.config.schema import Config
-from llmproxy.errors import ProxyError, http_exception_response, proxy_error_response
 from llmproxy.gateway import Gateway
 from llmproxy.keys import GATEWAY
 
 log = logging.getLogger(__name__)
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], object]
-) -> web.StreamResponse:
-    """The isolation boundary: whatever escapes becomes OpenAI-shaped JSON."""
-    try:
-        return await handler(request)  # type: ignore[misc,no-any-return]
-    except ProxyError as exc:
-        return proxy_error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return http_exception_response(exc)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return proxy_error_response(ProxyError("internal error in the gateway"))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -57,8 +36,9 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 def build_app(gateway: Gateway) -> web.Application:
+    # No middleware: Gateway.proxy is the isolation boundary of the hot path,
+    # and the probes cannot fail.
     app = web.Application(
-        middlewares=[error_middleware],
         client_max_size=gateway.config.server.max_body_bytes,
         handler_args={"max_field_size": 65536},
     )

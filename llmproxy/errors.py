@@ -8,10 +8,14 @@ as aiohttp's own exceptions do, so callers can catch either.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 
 class ProxyError(Exception):
@@ -111,3 +115,23 @@ def sse_error_event(message: str, type_: str = "upstream_error", code: str | Non
     """The last event of a stream that failed after the commit point."""
     payload = {"error": {"message": message, "type": type_, "code": code}}
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The isolation boundary: whatever escapes becomes OpenAI-shaped JSON."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return proxy_error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_exception_response(exc)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return proxy_error_response(ProxyError("internal error in the gateway"))

@@ -19,6 +19,7 @@ from llmproxy.config import ConfigError, load_config
 from llmproxy.config.schema import BackendConfig, Config
 from llmproxy.discovery.dns import Resolver
 from llmproxy.discovery.manager import DiscoveryManager
+from llmproxy.errors import ProxyError, proxy_error_response
 from llmproxy.health.supervisor import HealthSupervisor
 from llmproxy.observability.access_log import AccessEntry, AccessLog
 from llmproxy.observability.events import Events
@@ -30,6 +31,7 @@ from llmproxy.policy.ratelimit import RateLimiter, build_store
 from llmproxy.policy.traffic import Traffic
 from llmproxy.pool.backend import Backend
 from llmproxy.runtime import Runtime
+from llmproxy.upstream.attempt import SKIP_AUTO_HEADERS
 from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.forwarder import Forwarder
 
@@ -101,6 +103,7 @@ class Gateway:
             ),
             auto_decompress=False,  # bytes pass through as the replica sent them
             cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=SKIP_AUTO_HEADERS,
         )
         self._health_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
@@ -334,8 +337,17 @@ class Gateway:
             await fw.abort_all("the gateway is shutting down")
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """The main listener's handler for every proxied path. It is its own
+        isolation boundary (no middleware chain on the hot path): whatever
+        escapes the forwarder becomes an OpenAI-shaped 500, never a traceback."""
         assert self.forwarder is not None, "Gateway.start() was not awaited"
-        return await self.forwarder.handle(request)
+        try:
+            return await self.forwarder.handle(request)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return proxy_error_response(ProxyError("internal error in the gateway"))
 
 
 def _prompt(ex: Exchange) -> str | None:

@@ -40,6 +40,7 @@ from llmproxy.admin.api import require_token
 from llmproxy.admin.status_page import status_page_handler
 from llmproxy.config import ConfigError, load_config
 from llmproxy.config.schema import Config
+from llmproxy.errors import error_middleware
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class Supervisor:
 
     def admin_app(self) -> web.Application:
         guard = require_token(self.config.admin.token, lambda: self.config.admin.token)
-        app = web.Application()
+        app = web.Application(middlewares=[error_middleware])
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llmproxy.admin.status_page import status_page_handler
-from llmproxy.errors import BadRequest, NotFound, Unauthorized, proxy_error_response
+from llmproxy.errors import (
+    BadRequest,
+    NotFound,
+    Unauthorized,
+    error_middleware,
+    proxy_error_response,
+)
 from llmproxy.keys import GATEWAY
 from llmproxy.policy.traffic import TrafficError
 
@@ -215,7 +221,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
             f"admin.token: the admin listener on {cfg.host} is not loopback-only; set a token"
         )
     guard = require_token(cfg.token, lambda: gateway.config.admin.token)
-    app = web.Application()
+    app = web.Application(middlewares=[error_middleware])
     app[GATEWAY] = gateway
     app.router.add_get("/", status_page_handler)  # no data in it: its fetches send the token
     app.router.add_get("/healthz", _healthz)

@@ -36,8 +36,8 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 #: aiohttp adds these when absent; a proxy must not invent them (an added
 #: Accept-Encoding would have the replica compress for a client that never
-#: asked).
-_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+#: asked). Set once on the session, so no request pays for it.
+SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 #: An error body kept to pass on if every retry fails; larger ones are cut.
 _MAX_ERROR_BODY = 64 * 1024
@@ -112,7 +112,6 @@ class AttemptRunner:
                     data=ex.body,
                     headers=headers,
                     allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
                     timeout=pool.client_timeout,
                 )
                 status = upstream.status
@@ -152,12 +151,26 @@ class AttemptRunner:
             ex.ttfb_s = ttfb = now - ex.started
             ex.status = status
             verdict = status < 500
+            self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
+            if upstream.content_length == len(first) and first:
+                # The whole (small, non-streamed) body came in one read: answer
+                # with one write instead of headers, body and end separately.
+                whole = web.Response(
+                    status=status, headers=client_response_headers(upstream.headers), body=first
+                )
+                self.finish_headers(whole, ex)
+                ex.outcome = "ok" if verdict else "upstream_error"
+                ex.bytes_sent = len(first)
+                usage = find_usage(first[-4096:])
+                if usage is not None:
+                    ex.prompt_tokens, ex.completion_tokens = usage
+                await upstream.content.read()  # mark the body consumed: keep-alive
+                return whole
             resp = web.StreamResponse(
                 status=status, headers=client_response_headers(upstream.headers)
             )
             self.finish_headers(resp, ex)
             await resp.prepare(request)
-            self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
             is_sse = ex.stream = upstream.content_type == "text/event-stream"
             if is_sse:
                 stream_span = ex.span.start_stream()
