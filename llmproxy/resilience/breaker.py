@@ -197,6 +197,8 @@ class Breaker:
         sent before the breaker opened), which closes the breaker by way of
         half-open."""
         self._free()
+        if self._state is BreakerState.CLOSED and self._cb.fail_counter == 0:
+            return  # pybreaker would reset a count that is already zero: skip it
         try:
             with self._cb.calling():
                 pass
