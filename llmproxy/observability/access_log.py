@@ -33,9 +33,9 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from llmproxy.config.schema import AccessLogConfig as AccessLogConfig  # noqa: PLC0414 - re-export
@@ -106,6 +106,8 @@ class AccessEntry:
 
 class AccessLog:
     def __init__(self, config: AccessLogConfig, *, sink: Sink | None = None) -> None:
+        self._second = -1
+        self._second_text = ""
         """``sink`` replaces ``config.path`` (tests, embedding); it is flushed
         but never closed here."""
         self._cfg = config
@@ -233,7 +235,7 @@ class AccessLog:
 
     def _format(self, e: AccessEntry) -> str:
         record: dict[str, Any] = {
-            "time": _iso_utc(e.time),
+            "time": self._clock_text(e.time),
             "request_id": e.request_id,
             "method": e.method,
             "path": e.path.partition("?")[0][:_PATH_MAX],
@@ -256,7 +258,17 @@ class AccessLog:
         }
         if self._cfg.log_prompts and e.prompt is not None:
             record["prompt"] = e.prompt[: self._cfg.prompt_max_chars]
-        return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        return _ENCODER.encode(record) + "\n"
+
+    def _clock_text(self, epoch_s: float) -> str:
+        """``2024-05-01T12:00:00.123Z``; the date and time to the second are
+        formatted once a second (the writer thread's only user of this)."""
+        second = int(epoch_s)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        millis = min(999, round((epoch_s - second) * 1_000_000) // 1000)
+        return f"{self._second_text}.{millis:03d}Z"
 
 
 class _Writer:
@@ -301,6 +313,5 @@ class _Writer:
             log.warning("access log: closing the sink failed", exc_info=True)
 
 
-def _iso_utc(epoch_s: float) -> str:
-    """``2024-05-01T12:00:00.123Z``."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+#: One encoder for every line (json.dumps with options builds one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)

@@ -8,7 +8,7 @@ never from raw user input, so cardinality stays bounded.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,6 +30,8 @@ GAP_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+_Labelled = Counter | Gauge | Histogram
+
 #: Label value used when no backend or route was involved.
 NONE = "none"
 
@@ -37,6 +39,7 @@ NONE = "none"
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "llmproxy_requests",
@@ -172,6 +175,16 @@ class Metrics:
             "llmproxy_build_info", "Build information.", ("version",), registry=r
         )
         self.build_info.labels(llmproxy.__version__).set(1)
+
+    def child(self, metric: _Labelled, *values: str) -> Any:
+        """``metric.labels(*values)``, cached: prometheus-client's lookup costs
+        a lock and a tuple build per call, and the request path makes several.
+        Values come from the config and fixed sets, so the cache is bounded."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def register_runtime(self, runtime: Callable[[], Runtime]) -> None:
         """Backend state is read at scrape time, so the request path pays

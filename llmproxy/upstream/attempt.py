@@ -151,7 +151,8 @@ class AttemptRunner:
             ex.ttfb_s = ttfb = now - ex.started
             ex.status = status
             verdict = status < 500
-            self._metrics.ttfb.labels(ex.route, ex.pool, ex.backend).observe(ttfb)
+            m = self._metrics
+            m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
             if upstream.content_length == len(first) and first:
                 # The whole (small, non-streamed) body came in one read: answer
                 # with one write instead of headers, body and end separately.
@@ -175,7 +176,7 @@ class AttemptRunner:
             if is_sse:
                 stream_span = ex.span.start_stream()
             ex.outcome = "ok" if verdict else "upstream_error"
-            gaps = self._metrics.inter_chunk.labels(ex.route, ex.pool) if is_sse else None
+            gaps = m.child(m.inter_chunk, ex.route, ex.pool) if is_sse else None
             try:
                 tail = await _relay(upstream, resp, first, wd, ex=ex, gaps=gaps)
             except asyncio.CancelledError:
