@@ -8,6 +8,7 @@ with vLLM's message.
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 import uuid
@@ -121,7 +122,7 @@ def parse_completion(body: dict[str, Any], cfg: SimConfig) -> tuple[Plan, bool]:
     return _plan(prompt, prompt_tokens, limit, cfg, stream), include_usage
 
 
-class _OpenAIRenderer:
+class _OpenAIRenderer(abc.ABC):
     """Shared by both endpoints; subclasses say how a choice carries text."""
 
     object_full = ""
@@ -139,11 +140,13 @@ class _OpenAIRenderer:
         template = sse(self.chunk([self.choice(_TEXT_SLOT, None)]))
         self._before, self._after = template.split(json.dumps(_TEXT_SLOT).encode(), 1)
 
+    @abc.abstractmethod
     def choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """One streamed choice (a delta for chat, text for completions)."""
 
+    @abc.abstractmethod
     def full_choice(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The choice of a non-streamed response."""
 
     def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
