@@ -119,6 +119,7 @@ class Gateway:
             runtime=lambda: self.runtime,
             max_body_bytes=config.server.max_body_bytes,
             gate=self.gate,
+            trust_forwarded_for=config.server.trust_forwarded_for,
             splits=self.traffic.split,
             tracing=self.tracing,
             on_finish=(self._finished,),

@@ -55,6 +55,7 @@ class Forwarder:
         runtime: Callable[[], Runtime],
         max_body_bytes: int,
         gate: GateKeeper,
+        trust_forwarded_for: bool = False,
         splits: Callable[[RouteConfig], Sequence[SplitTarget]] = lambda r: r.split,
         tracing: Tracing | None = None,
         on_finish: Sequence[Callable[[Exchange, float], None]] = (),
@@ -69,6 +70,7 @@ class Forwarder:
         self._rng = rng
         self._runtime = runtime
         self._max_body = max_body_bytes
+        self._trust_forwarded_for = trust_forwarded_for
         #: Replaced on reload (keys and limits follow the config).
         self.gate = gate
         self._splits = splits
@@ -82,7 +84,9 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
-        ex = Exchange(request, request_id, loop.time(), asyncio.current_task(), request.remote)
+        ex = Exchange(
+            request, request_id, loop.time(), asyncio.current_task(), self._client_ip(request)
+        )
         ex.span = self._tracing.start_request(
             request.method, request.path, request.headers, request_id=request_id
         )
@@ -125,6 +129,18 @@ class Forwarder:
             except Exception:
                 log.exception("request %s: a finish hook failed", ex.request_id)
 
+    def _client_ip(self, request: web.Request) -> str | None:
+        """The client's address for ``ip`` keys: the peer, or with
+        ``server.trust_forwarded_for`` the first address of X-Forwarded-For
+        (the client as the trusted load balancer in front saw it)."""
+        if self._trust_forwarded_for:
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                first = forwarded.split(",", 1)[0].strip()
+                if first:
+                    return first
+        return request.remote
+
     @property
     def active_count(self) -> int:
         return len(self._active)
@@ -158,7 +174,10 @@ class Forwarder:
         ex.route = route.name
         ex.body = parsed.body or None
         headers = upstream_request_headers(
-            request.headers, client_ip=ex.client_ip, scheme=request.scheme, request_id=ex.request_id
+            request.headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            request_id=ex.request_id,
         )
         gate = await self.gate.check(ex, parsed)
         ex.response_headers, ex.ticket, ex.strip_usage = gate.headers, gate.ticket, gate.strip_usage

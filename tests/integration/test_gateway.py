@@ -264,3 +264,25 @@ def test_probes(gw: Gateway) -> None:
     assert "llmproxy_time_to_first_byte_seconds_bucket" in text
     assert "llmproxy_request_duration_seconds_bucket" in text
     assert "llmproxy_backend_in_flight{" in text
+
+
+def test_ip_keys_use_forwarded_for_only_when_trusted(tmp: Path, sims: list[Sim]) -> None:
+    """An ``ip`` rate limit of 1 a minute: behind a trusted load balancer each
+    X-Forwarded-For client has its own bucket; otherwise the header is ignored
+    (any client could name any address) and the peer's bucket is shared."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}
+    for trusted in (True, False):
+        cfg = pool_config(sims[0].url)
+        cfg["server"] = {"trust_forwarded_for": trusted}
+        cfg["rate_limits"] = {"rules": [{"key": "ip", "requests_per_minute": 1}]}
+        gw = Gateway(tmp, cfg, name=f"gw-xff-{trusted}")
+        try:
+            url = f"{gw.url}/v1/chat/completions"
+            first = http("POST", url, body, headers={"X-Forwarded-For": "203.0.113.1"})[0]
+            other = http("POST", url, body, headers={"X-Forwarded-For": "203.0.113.2"})[0]
+            again = http("POST", url, body, headers={"X-Forwarded-For": "203.0.113.1"})[0]
+        finally:
+            gw.stop()
+        assert first == 200
+        assert other == (200 if trusted else 429)
+        assert again == 429
