@@ -9,8 +9,6 @@ and enough here. Pure functions of a monotonic ``now``; no clock is read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 #: Share of its weight a backend gets the moment it (re)joins.
 DEFAULT_FLOOR = 0.1
 
@@ -24,22 +22,3 @@ def slow_start_factor(elapsed_s: float, window_s: float, floor: float = DEFAULT_
     if elapsed_s <= 0:
         return floor
     return floor + (1.0 - floor) * (elapsed_s / window_s)
-
-
-@dataclass(frozen=True, slots=True)
-class SlowStart:
-    """The ramp of one backend that (re)joined at ``joined_at`` (monotonic s).
-
-    The pool keeps one per ramping backend and drops it once :meth:`done`, so
-    a settled backend costs nothing.
-    """
-
-    joined_at: float
-    window_s: float
-    floor: float = DEFAULT_FLOOR
-
-    def factor(self, now: float) -> float:
-        return slow_start_factor(now - self.joined_at, self.window_s, self.floor)
-
-    def done(self, now: float) -> bool:
-        return now - self.joined_at >= self.window_s

@@ -22,7 +22,6 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 # The config dataclasses live in the schema; re-exported under their old names.
@@ -146,24 +145,6 @@ class KeyRing:
             if hmac.compare_digest(digest, expected):
                 found = key
         return found
-
-
-def strip_client_credentials(headers: Mapping[str, str], *, auth_enabled: bool) -> frozenset[str]:
-    """Names (lower-cased) of the client's credential headers to drop upstream.
-
-    With auth enabled, the client's ``Authorization`` is the proxy's key and
-    never reaches a replica. With auth off it is passed through (the client
-    may be talking to the replica's own ``--api-key``), unless the pool has
-    a key of its own: then ``backend_auth_header`` replaces it anyway.
-    """
-    if auth_enabled and any(name.lower() == "authorization" for name in headers):
-        return frozenset({"authorization"})
-    return frozenset()
-
-
-def backend_auth_header(pool_api_key: str | None) -> dict[str, str]:
-    """The header carrying the pool's own key to its replicas (vLLM ``--api-key``)."""
-    return {"Authorization": f"Bearer {pool_api_key}"} if pool_api_key else {}
 
 
 def hash_key_command(key: str | None, name: str) -> str:

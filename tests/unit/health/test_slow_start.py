@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmproxy.health.slow_start import DEFAULT_FLOOR, SlowStart, slow_start_factor
+from llmproxy.health.slow_start import DEFAULT_FLOOR, slow_start_factor
 
 
 @pytest.mark.parametrize(
@@ -34,18 +34,3 @@ def test_ramp_never_decreases_and_stays_in_bounds() -> None:
     assert values == sorted(values)
     assert min(values) == 0.1
     assert max(values) == 1.0
-
-
-def test_record_ramps_from_its_join_time() -> None:
-    ramp = SlowStart(joined_at=100.0, window_s=10.0)
-    assert ramp.factor(100.0) == pytest.approx(0.1)
-    assert ramp.factor(102.5) == pytest.approx(0.325)
-    assert ramp.factor(110.0) == 1.0
-    assert ramp.factor(99.0) == pytest.approx(0.1)
-
-
-def test_record_is_done_at_the_end_of_its_window() -> None:
-    ramp = SlowStart(joined_at=100.0, window_s=10.0, floor=0.2)
-    assert not ramp.done(109.99)
-    assert ramp.done(110.0)
-    assert SlowStart(joined_at=100.0, window_s=0.0).done(100.0)

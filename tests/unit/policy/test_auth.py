@@ -7,7 +7,6 @@ import hmac
 
 import pytest
 import yaml
-from multidict import CIMultiDict
 
 from llmproxy.policy.auth import (
     ApiKeyConfig,
@@ -15,12 +14,10 @@ from llmproxy.policy.auth import (
     KeyLimits,
     KeyRing,
     auth_problems,
-    backend_auth_header,
     generate_key,
     hash_key,
     hash_key_command,
     parse_bearer,
-    strip_client_credentials,
     validate_sha256,
 )
 
@@ -157,19 +154,6 @@ def test_auth_problems_name_the_entry() -> None:
         ("keys", "auth is enabled but no key is configured")
     ]
     assert auth_problems(AuthConfig()) == []
-
-
-def test_client_authorization_is_dropped_only_when_auth_is_enabled() -> None:
-    headers = CIMultiDict({"Authorization": f"Bearer {ALICE_KEY}", "Accept": "*/*"})
-    assert strip_client_credentials(headers, auth_enabled=True) == {"authorization"}
-    assert strip_client_credentials(headers, auth_enabled=False) == frozenset()
-    assert strip_client_credentials({"accept": "*/*"}, auth_enabled=True) == frozenset()
-
-
-def test_backend_auth_header_carries_the_pool_key() -> None:
-    assert backend_auth_header("vllm-secret") == {"Authorization": "Bearer vllm-secret"}
-    assert backend_auth_header(None) == {}
-    assert backend_auth_header("") == {}
 
 
 def test_hash_key_command_output_is_yaml_with_the_hash() -> None:
