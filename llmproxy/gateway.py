@@ -31,9 +31,9 @@ from llmproxy.policy.ratelimit import RateLimiter, build_store
 from llmproxy.policy.traffic import Traffic
 from llmproxy.pool.backend import Backend
 from llmproxy.runtime import Runtime
-from llmproxy.upstream.attempt import SKIP_AUTO_HEADERS
 from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.forwarder import Forwarder
+from llmproxy.upstream.h1 import H1Client
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Gateway:
         self.draining = False
         self.last_reload = ReloadStatus()
         self._reload_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: H1Client | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthSupervisor | None = None
         self._canary_task: asyncio.Task[None] | None = None
@@ -95,16 +95,11 @@ class Gateway:
         if any(p.discovery for p in config.pools.values()):
             await self.discovery.start(config)
             self.runtime = self._build(config, previous=None)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0,  # per-backend concurrency is the balancer's business
-                keepalive_timeout=60,
-                ttl_dns_cache=10,
-            ),
-            auto_decompress=False,  # bytes pass through as the replica sent them
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-        )
+        # The request path's client: keep-alive pools, no connection limit
+        # (per-backend concurrency is the balancer's business); bytes pass
+        # through as the replica sent them. Health checks and scrapes keep
+        # aiohttp's client, off the hot path.
+        self._upstream = H1Client(keepalive_s=60)
         self._health_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -113,7 +108,7 @@ class Gateway:
             self.access_log.start()
         self.gate = self._make_gate(config)
         self.forwarder = Forwarder(
-            session=self._session,
+            client=self._upstream,
             metrics=self.metrics,
             rng=self.rng,
             runtime=lambda: self.runtime,
@@ -154,10 +149,11 @@ class Gateway:
             await self._health.close()
         if self.gate is not None:
             await self.gate.close()
-        for s in (self._session, self._health_session):
-            if s is not None:
-                await s.close()
-        self._session = self._health_session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+        if self._health_session is not None:
+            await self._health_session.close()
+        self._upstream = self._health_session = None
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.stop)
         await asyncio.to_thread(self.tracing.shutdown)

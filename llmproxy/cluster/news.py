@@ -416,7 +416,7 @@ class ClusterNews:
                     ping_deadline = now + self._timeout_s
         finally:
             with contextlib.suppress(*_REDIS_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
     def _deliver(self, data: Any) -> None:
         try:

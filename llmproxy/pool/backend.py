@@ -13,6 +13,7 @@ from yarl import URL
 from llmproxy.config.schema import BackendConfig
 from llmproxy.health.slow_start import slow_start_factor
 from llmproxy.resilience.breaker import Breaker
+from llmproxy.upstream.h1 import Origin
 
 #: A failing backend keeps at least this share of its weight, so it still sees
 #: the odd request and its success rate can recover.
@@ -36,6 +37,8 @@ class Backend:
         "last_failure_at",
         "latency_factor",
         "name",
+        "origin",
+        "path_prefix",
         "ramp_from",
         "ramp_until",
         "success_rate",
@@ -47,6 +50,10 @@ class Backend:
         self.name = config.name
         self.base_url = URL(config.url)
         self._prefix = config.url.rstrip("/")
+        #: Where the lean upstream client connects, and the base URL's path
+        #: that goes before the client's own path.
+        self.origin = Origin.of(self.base_url)
+        self.path_prefix = self.base_url.raw_path.rstrip("/")
         self.weight = config.weight
         self.breaker = breaker
         #: Requests sent to this backend whose response has not ended.
@@ -105,6 +112,10 @@ class Backend:
     def eligible(self) -> bool:
         """Healthy and not draining (the view of the health gauge and /readyz)."""
         return self.healthy and not self.draining
+
+    def target_for(self, path_qs: str) -> str:
+        """The request target for the client's raw (still encoded) path and query."""
+        return self.path_prefix + path_qs
 
     def url_for(self, path_qs: str) -> URL:
         """The upstream URL for the client's raw (still encoded) path and query."""

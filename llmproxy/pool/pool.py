@@ -13,8 +13,6 @@ import random
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Protocol
 
-import aiohttp
-
 from llmproxy.balancing.base import Balancer, NoCandidatesError, PickContext
 from llmproxy.balancing.registry import make_balancer
 from llmproxy.config.schema import PoolConfig
@@ -58,10 +56,6 @@ class Pool:
         self.clock = clock
         self._events = events
         self.balancer: Balancer = make_balancer(config.balancer, rng)
-        t = config.timeouts
-        #: First-byte, idle and total timeouts are the forwarder's watchdog;
-        #: aiohttp only bounds the connect (``total=None`` so long streams live).
-        self.client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s)
         now = clock()
         old = {(b.name, b.config.url): b for b in previous.backends} if previous else {}
         self.backends: list[Backend] = []

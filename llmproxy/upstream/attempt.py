@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Histogram
@@ -25,6 +24,7 @@ from llmproxy.pool.backend import Backend
 from llmproxy.pool.pool import Pool
 from llmproxy.resilience.retry import RetryableError, parse_retry_after
 from llmproxy.upstream.exchange import Exchange
+from llmproxy.upstream.h1 import H1Client, Response, UpstreamError
 from llmproxy.upstream.headers import client_response_headers
 from llmproxy.upstream.usage import find_usage, strip_usage_events
 from llmproxy.upstream.watchdog import Expiry, Watchdog
@@ -33,11 +33,6 @@ log = logging.getLogger("llmproxy.upstream")
 
 #: Statuses that mean "this backend cannot take it now": tried elsewhere.
 RETRYABLE_STATUS = frozenset({502, 503, 504})
-
-#: aiohttp adds these when absent; a proxy must not invent them (an added
-#: Accept-Encoding would have the replica compress for a client that never
-#: asked). Set once on the session, so no request pays for it.
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 #: An error body kept to pass on if every retry fails; larger ones are cut.
 _MAX_ERROR_BODY = 64 * 1024
@@ -71,11 +66,11 @@ AttemptHook = Callable[[Exchange, Pool, bool | None, float | None], None]
 class AttemptRunner:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: H1Client,
         metrics: Metrics,
         on_attempt: Sequence[AttemptHook] = (),
     ) -> None:
-        self._session = session
+        self._client = client
         self._metrics = metrics
         self._on_attempt = tuple(on_attempt)
 
@@ -87,7 +82,7 @@ class AttemptRunner:
         loop = asyncio.get_running_loop()
         wd = Watchdog(timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
         backend.in_flight += 1
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Response | None = None
         resp: web.StreamResponse | None = None
         verdict: bool | None = None  # True success, False failure, None neutral
         ttfb: float | None = None
@@ -106,19 +101,19 @@ class AttemptRunner:
         refused_as: str | None = None
         try:
             try:
-                upstream = await self._session.request(
+                upstream = await self._client.request(
                     request.method,
-                    backend.url_for(request.raw_path),
-                    data=ex.body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=pool.client_timeout,
+                    backend.origin,
+                    backend.target_for(request.raw_path),
+                    headers,
+                    ex.body or b"",
+                    connect_timeout=timeouts.connect_s,
                 )
                 status = upstream.status
                 retry_429 = status == 429 and pool.config.retry.retry_on_429
                 if status in RETRYABLE_STATUS or retry_429:
                     verdict = None if status == 429 else False
-                    body = await upstream.content.read(_MAX_ERROR_BODY)
+                    body = await upstream.read(_MAX_ERROR_BODY)
                     raise StatusRetry(
                         "ratelimited" if status == 429 else "status",
                         status,
@@ -126,8 +121,8 @@ class AttemptRunner:
                         body,
                         parse_retry_after(upstream.headers.get("Retry-After"), time.time()),
                     )
-                first = await upstream.content.readany()
-            except aiohttp.ClientError as exc:
+                first = await upstream.read_any()
+            except UpstreamError as exc:
                 verdict = False
                 ex.outcome = "upstream_error"
                 self._count_error(pool, backend, "connect")
@@ -153,7 +148,7 @@ class AttemptRunner:
             verdict = status < 500
             m = self._metrics
             m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
-            if upstream.content_length == len(first) and first:
+            if upstream.complete and first and upstream.content_length == len(first):
                 # The whole (small, non-streamed) body came in one read: answer
                 # with one write instead of headers, body and end separately.
                 whole = web.Response(
@@ -165,7 +160,6 @@ class AttemptRunner:
                 usage = find_usage(first[-4096:])
                 if usage is not None:
                     ex.prompt_tokens, ex.completion_tokens = usage
-                await upstream.content.read()  # mark the body consumed: keep-alive
                 return whole
             resp = web.StreamResponse(
                 status=status, headers=client_response_headers(upstream.headers)
@@ -193,7 +187,7 @@ class AttemptRunner:
                     )
                 else:
                     raise
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 if _client_gone(request):
                     raise _ClientGone from exc
                 verdict = False
@@ -244,7 +238,7 @@ class AttemptRunner:
                 hook(ex, pool, verdict, ttfb)
             if upstream is not None:
                 # Back to the keep-alive pool if the body was read to the end;
-                # aiohttp closes the connection otherwise.
+                # the connection is closed otherwise.
                 upstream.release()
             if verdict is True:
                 pool.record_success(backend, ttfb, permit=permit)
@@ -294,7 +288,7 @@ class AttemptRunner:
 
 
 async def _relay(
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     resp: web.StreamResponse,
     first: bytes,
     wd: Watchdog,
@@ -311,7 +305,7 @@ async def _relay(
     if not first:
         return b""
     loop = asyncio.get_running_loop()
-    read = upstream.content.readany
+    read = upstream.read_any
     write = resp.write
     strip = ex.strip_usage
     carry = b""  # with strip: the incomplete SSE event held until it ends

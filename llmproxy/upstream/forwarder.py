@@ -19,7 +19,6 @@ import os
 import random
 from collections.abc import Callable, Sequence
 
-import aiohttp
 from aiohttp import web
 
 from llmproxy.balancing.base import PickContext
@@ -39,6 +38,7 @@ from llmproxy.routing.split import choose_pool, sticky_key
 from llmproxy.runtime import Runtime
 from llmproxy.upstream.attempt import AttemptHook, AttemptRunner, StatusRetry
 from llmproxy.upstream.exchange import Exchange, Plan, PlanBudget
+from llmproxy.upstream.h1 import H1Client
 from llmproxy.upstream.headers import upstream_request_headers
 from llmproxy.upstream.request import ParsedRequest, parse_request
 
@@ -49,7 +49,7 @@ class Forwarder:
     def __init__(
         self,
         *,
-        session: aiohttp.ClientSession,
+        client: H1Client,
         metrics: Metrics,
         rng: random.Random,
         runtime: Callable[[], Runtime],
@@ -75,7 +75,7 @@ class Forwarder:
         self.gate = gate
         self._splits = splits
         self._tracing = tracing if tracing is not None else Tracing.disabled()
-        self._attempt = AttemptRunner(session, metrics, on_attempt)
+        self._attempt = AttemptRunner(client, metrics, on_attempt)
         self._active: set[Exchange] = set()
         self._idle: asyncio.Event | None = None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 #: Hop-by-hop headers: they describe one connection and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -19,8 +19,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Also dropped from the client's request: aiohttp sets Host from the
-#: backend URL and Content-Length from the body; the request id is re-set.
+#: Also dropped from the client's request: the upstream client sets Host
+#: from the backend URL and Content-Length from the body; the request id is
+#: re-set.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
 
 #: Dropped from the upstream's response: the proxy sets its own.
@@ -32,7 +33,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {
 }
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Headers named in ``Connection`` are hop-by-hop for this message too."""
     value = headers.get("Connection")
     if not value:
@@ -66,7 +67,7 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def client_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     drop = _RESPONSE_DROP
     extra = _connection_tokens(headers)
     if extra:

@@ -1,0 +1,520 @@
+"""A lean HTTP/1.1 client for the request path: keep-alive pool, llhttp parsing.
+
+aiohttp's client cost ~86 µs of CPU per proxied request here (py-spy under
+wrk), about a third of all the gateway spent; most of it is generality a
+proxy does not use (cookies, redirects, auth, decompression, tracing
+signals, a StreamReader per response). This client does the one thing the
+forwarder needs: send a request whose body is already in memory, over a
+kept-alive connection, and hand the response body on chunk by chunk as it
+arrives. Parsing is httptools (llhttp, Node's parser), so framing
+(Content-Length, chunked, read-until-close, 204/304, 1xx) is a well-kept
+library's business, not ours. Its behaviour is pinned by
+tests/integration/test_h1_conformance.py against raw socket servers.
+
+What it does not do, on purpose: redirects, cookies, proxies, decompression,
+request body streaming (the gateway reads bodies whole: the model picks the
+route and a retry must resend them), HTTP/2, upgrades.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from typing import NamedTuple, cast
+
+import httptools
+from multidict import CIMultiDict
+from yarl import URL
+
+#: A response head larger than this (status line and headers) is refused.
+MAX_HEADER_BYTES = 64 * 1024
+#: Buffered response body above which the socket stops being read (back-pressure).
+HIGH_WATER = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """The exchange with the upstream failed; nothing usable was received."""
+
+
+class ConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, timed out, TLS)."""
+
+
+class Disconnected(UpstreamError):
+    """The upstream closed or reset the connection before the response ended."""
+
+
+class ProtocolError(UpstreamError):
+    """The upstream's answer was not valid HTTP/1.1 (or its head was too large)."""
+
+
+class Origin(NamedTuple):
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: URL) -> Origin:
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {url}")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return cls(url.scheme, url.host, port)
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class Response:
+    """The status and headers of an upstream response, and its body as it comes."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_done",
+        "_error",
+        "_released",
+        "_waiter",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str]
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        cl = headers.get("Content-Length")
+        self.content_length = int(cl) if cl is not None and cl.isdigit() else None
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters ('' when absent)."""
+        value = self.headers.get("Content-Type", "")
+        return value.split(";", 1)[0].strip().lower()
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may still be buffered here)."""
+        return self._done
+
+    async def read_any(self) -> bytes:
+        """Everything buffered now, or wait for the next bytes; b"" at the end.
+
+        Chunks that arrived together come back as one (write coalescing for
+        the relay). Raises :class:`Disconnected` or :class:`ProtocolError`
+        if the body ends early or malformed.
+        """
+        while True:
+            if self._chunks:
+                if len(self._chunks) == 1:
+                    data = self._chunks.popleft()
+                else:
+                    data = b"".join(self._chunks)
+                    self._chunks.clear()
+                self._buffered = 0
+                self._conn.resume()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def read(self, limit: int = -1) -> bytes:
+        """The rest of the body (at most ``limit`` bytes if ``limit`` >= 0)."""
+        parts: list[bytes] = []
+        size = 0
+        while limit < 0 or size < limit:
+            data = await self.read_any()
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        body = b"".join(parts)
+        if 0 <= limit < len(body):
+            self._chunks.appendleft(body[limit:])
+            self._buffered = len(body) - limit
+            body = body[:limit]
+        return body
+
+    def close(self) -> None:
+        """Drop the connection now (the upstream sees the request cancelled)."""
+        if not self._released:
+            self._released = True
+            self._conn.close()
+
+    def release(self) -> None:
+        """Done with it: keep the connection alive if the body was read to its end."""
+        if self._released:
+            return
+        self._released = True
+        if self._done and not self._chunks and self._error is None:
+            self._conn.reusable_after_response()
+        else:
+            self._conn.close()
+
+    # -- fed by the connection -------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self, error: UpstreamError | None) -> None:
+        if self._done or self._error is not None:
+            return
+        if error is None:
+            self._done = True
+        else:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection; at most one request on it at a time."""
+
+    def __init__(self, pool: _OriginPool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        #: Waits for the response head of the request in flight.
+        self._head: asyncio.Future[Response] | None = None
+        self._response: Response | None = None
+        self._head_only = False  # a HEAD request: the response has no body
+        self._status = b""
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._head_bytes = 0
+        self._received = 0  # bytes received for the request in flight
+        self._keep_alive = False
+        self._paused = False
+
+    # -- used by the pool and the response -------------------------------------
+
+    def send(self, data: bytes, *, head_only: bool) -> asyncio.Future[Response]:
+        assert self.transport is not None
+        assert self._head is None
+        assert self._response is None
+        self._head = asyncio.get_running_loop().create_future()
+        self._head_only = head_only
+        self._received = 0
+        self._new_message()
+        self.transport.write(data)
+        return self._head
+
+    @property
+    def received_nothing(self) -> bool:
+        return self._received == 0
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def reusable_after_response(self) -> None:
+        self._response = None
+        self._head = None
+        if self.closed or not self._keep_alive or self._head_only:
+            self.close()
+        else:
+            self.reused = True
+            self._pool.put_back(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        self._pool.forget(self)
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if (self._head is None and response is None) or (response is not None and response._done):
+            # Bytes nobody asked for: the connection cannot be trusted.
+            self._keep_alive = False
+            self.close()
+            return
+        self._received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError("the upstream switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        response = self._response
+        if (
+            response is not None
+            and self._head is not None
+            and self._head.done()
+            and response.content_length is None
+            and not self._parser_chunked()
+            and not response._done
+        ):
+            # A body delimited by the end of the connection (RFC 9112 §6.3).
+            self._keep_alive = False
+            response._finish(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f": {exc}" if exc else ""
+        self._fail(Disconnected(f"the upstream closed the connection{reason}"))
+
+    # -- httptools callbacks ---------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._count_head(len(status))
+        self._status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        self._headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # Informational (100 Continue, 103 Early Hints): wait for the final one.
+            self._new_message()
+            return
+        self._keep_alive = self._parser.should_keep_alive()
+        response = self._response = Response(
+            self, code, self._status.decode("latin-1"), self._headers
+        )
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(response)
+        if self._head_only:
+            self._keep_alive = False  # llhttp would wait for a body: never reuse
+            response._finish(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None and not self._head_only:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None:
+            self._response._finish(None)
+
+    # -- internals -------------------------------------------------------------
+
+    def _new_message(self) -> None:
+        self._status = b""
+        self._headers = CIMultiDict()
+        self._head_bytes = 0
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEADER_BYTES:
+            raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes")
+
+    def _parser_chunked(self) -> bool:
+        te = self._response.headers.get("Transfer-Encoding", "") if self._response else ""
+        return "chunked" in te.lower()
+
+    def _fail(self, error: UpstreamError) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+            head.exception()  # retrieved: the caller may be gone (cancelled)
+        if self._response is not None:
+            self._response._finish(error)
+        self.close()
+
+
+class _OriginPool:
+    """Idle kept-alive connections to one origin, most recently used first."""
+
+    def __init__(self, client: H1Client, origin: Origin) -> None:
+        self.client = client
+        self.origin = origin
+        self.idle: deque[_Connection] = deque()
+        self.open: set[_Connection] = set()
+
+    def take_idle(self, now: float) -> _Connection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if now - conn.idle_since > self.client.keepalive_s:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def put_back(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        now = conn.idle_since = loop.time()
+        idle = self.idle
+        idle.append(conn)
+        # Close what has idled too long, oldest first.
+        limit = self.client.keepalive_s
+        while idle and now - idle[0].idle_since > limit:
+            idle.popleft().close()
+        while len(idle) > self.client.max_idle_per_origin:
+            idle.popleft().close()
+
+    def forget(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+
+class H1Client:
+    """Keep-alive HTTP/1.1 connection pools, one per origin."""
+
+    def __init__(
+        self,
+        *,
+        keepalive_s: float = 60.0,
+        max_idle_per_origin: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.keepalive_s = keepalive_s
+        self.max_idle_per_origin = max_idle_per_origin
+        self._ssl = ssl_context
+        self._pools: dict[Origin, _OriginPool] = {}
+        self._closed = False
+
+    def idle_connections(self, origin: Origin) -> int:
+        pool = self._pools.get(origin)
+        return len(pool.idle) if pool else 0
+
+    def open_connections(self, origin: Origin) -> int:
+        pool = self._pools.get(origin)
+        return len(pool.open) if pool else 0
+
+    async def request(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes = b"",
+        *,
+        connect_timeout: float | None = None,
+    ) -> Response:
+        """Send one request; return when the response head has arrived.
+
+        ``target`` is the raw (encoded) path and query. ``Host`` and
+        ``Content-Length`` are set here; ``headers`` must hold neither, nor
+        hop-by-hop headers. A connection kept alive that turns out to have
+        been closed by the upstream before it answered a byte is replaced
+        once by a new one (the request never reached the application).
+        Cancelling the caller closes the connection.
+        """
+        if self._closed:
+            raise UpstreamError("the client is closed")
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _OriginPool(self, origin)
+        data = _serialize(method, target, origin.host_header, headers, body)
+        head_only = method == "HEAD"
+        loop = asyncio.get_running_loop()
+        conn = pool.take_idle(loop.time())
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, head_only)
+            except Disconnected:
+                if not conn.received_nothing:
+                    raise
+                # The classic keep-alive race: the upstream closed an idle
+                # connection as we sent on it. Try once on a new one.
+        conn = await self._connect(pool, connect_timeout)
+        return await self._exchange(conn, data, head_only)
+
+    async def _exchange(self, conn: _Connection, data: bytes, head_only: bool) -> Response:
+        try:
+            return await conn.send(data, head_only=head_only)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _connect(self, pool: _OriginPool, limit_s: float | None) -> _Connection:
+        origin = pool.origin
+        loop = asyncio.get_running_loop()
+        ssl_ctx: ssl.SSLContext | None = None
+        if origin.scheme == "https":
+            ssl_ctx = self._ssl or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(limit_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(pool), origin.host, origin.port, ssl=ssl_ctx
+                )
+        except TimeoutError as exc:
+            raise ConnectError(
+                f"connect to {origin.host}:{origin.port} timed out after {limit_s:g}s"
+            ) from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+        pool.open.add(conn)
+        return conn
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            for conn in list(pool.open):
+                conn.close()
+        self._pools.clear()
+
+
+def _serialize(
+    method: str, target: str, host: str, headers: CIMultiDict[str], body: bytes
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    head = "".join(lines)
+    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+        # A CR or LF inside a name, value or the target: never send it.
+        raise UpstreamError("invalid character in the request head")
+    return head.encode("utf-8", "surrogateescape") + body
