@@ -134,7 +134,7 @@ class Response:
                 raise self._error
             if self._done:
                 return b""
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._conn.loop.create_future()
             try:
                 await waiter
             finally:
@@ -202,6 +202,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: _OriginPool) -> None:
         self._pool = pool
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
@@ -224,7 +225,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         assert self._head is None
         assert self._response is None
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self._head_only = head_only
         self._received = 0
         self._new_message()
@@ -285,6 +286,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(cause)
             else:
                 self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
+        else:
+            if self._response is None and self._received > MAX_HEADER_BYTES:
+                # httptools reports a header only once its line ends: bound the
+                # bytes of a head that is still incomplete here.
+                self._fail(ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes"))
 
     def eof_received(self) -> bool | None:
         response = self._response
@@ -308,11 +314,18 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._response is not None:
+            # A second message after the response to our request (same read).
+            raise ProtocolError("the upstream sent bytes after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         self._count_head(len(status))
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            return  # a trailer field (RFC 9110 §6.5.1): not merged into the headers
         self._count_head(len(name) + len(value) + 4)
         self._headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
 
@@ -322,6 +335,8 @@ class _Connection(asyncio.Protocol):
             # Informational (100 Continue, 103 Early Hints): wait for the final one.
             self._new_message()
             return
+        if code == 101:
+            raise ProtocolError("the upstream switched protocols unasked")
         self._keep_alive = self._parser.should_keep_alive()
         response = self._response = Response(
             self, code, self._status.decode("latin-1"), self._headers
@@ -373,6 +388,7 @@ class _OriginPool:
     def __init__(self, client: H1Client, origin: Origin) -> None:
         self.client = client
         self.origin = origin
+        self.loop = asyncio.get_running_loop()
         self.idle: deque[_Connection] = deque()
         self.open: set[_Connection] = set()
 
@@ -389,8 +405,7 @@ class _OriginPool:
         return None
 
     def put_back(self, conn: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        now = conn.idle_since = loop.time()
+        now = conn.idle_since = self.loop.time()
         idle = self.idle
         idle.append(conn)
         # Close what has idled too long, oldest first.
@@ -456,8 +471,7 @@ class H1Client:
             pool = self._pools[origin] = _OriginPool(self, origin)
         data = _serialize(method, target, origin.host_header, headers, body)
         head_only = method == "HEAD"
-        loop = asyncio.get_running_loop()
-        conn = pool.take_idle(loop.time())
+        conn = pool.take_idle(pool.loop.time())
         if conn is not None:
             try:
                 return await self._exchange(conn, data, head_only)
@@ -488,11 +502,13 @@ class H1Client:
                     lambda: _Connection(pool), origin.host, origin.port, ssl=ssl_ctx
                 )
         except TimeoutError as exc:
-            raise ConnectError(
-                f"connect to {origin.host}:{origin.port} timed out after {limit_s:g}s"
-            ) from exc
+            after = f" after {limit_s:g}s" if limit_s is not None else ""
+            raise ConnectError(f"connect to {origin.host}:{origin.port} timed out{after}") from exc
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+        if self._closed:  # closed while this connect was under way
+            conn.close()
+            raise UpstreamError("the client is closed")
         pool.open.add(conn)
         return conn
 
