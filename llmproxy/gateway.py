@@ -196,7 +196,7 @@ class Gateway:
                     time=time.time() - (now - ex.started),
                     request_id=ex.request_id,
                     method=request.method,
-                    path=request.path,
+                    path=request.raw_path,  # as sent: no decoding per request
                     route=None if ex.route is NONE else ex.route,
                     pool=None if ex.pool is NONE else ex.pool,
                     backend=None if ex.backend is NONE else ex.backend,

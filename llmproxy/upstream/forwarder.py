@@ -251,6 +251,8 @@ class Forwarder:
         split = self._splits(route)
         first = choose_pool(split, key, self._rng)
         names = [first]
+        if len(split) == 1 and not route.fallback:
+            return names  # the common case: one pool, nothing to order
         for t in sorted(split, key=lambda t: -t.weight):
             if t.weight > 0 and t.pool not in names:
                 names.append(t.pool)
