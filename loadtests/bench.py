@@ -11,9 +11,17 @@ Measures, for every target (``direct`` to the upstream, ``llmproxy``, and
    latency each proxy adds to the direct path;
 2. requests/s at concurrency 64: wrk, 1 thread, 64 connections, same POST;
    with the proxy's CPU per request;
-3. CPU per relayed SSE event: 1,000 concurrent streams from a simulated
+3. time to first token at concurrency 1: sequential small streamed POSTs to a
+   replica with no time to first token; p50/p99 and what each proxy adds;
+4. CPU per relayed SSE event: 1,000 concurrent streams from a simulated
    replica at 20 tokens/s (50 ms between events); the proxy's CPU time over a
-   window divided by the events the clients received in it; and its RSS.
+   window divided by the events the clients received in it; its RSS; and the
+   gap between consecutive events of a stream (p50/p99/p99.9), and what each
+   proxy adds to the direct gaps;
+5. memory of idle streams: 5,000 streams open at once, idle after their first
+   event; the proxy's peak RSS over its RSS before, per 1,000 streams;
+6. holding: 10,000 streams open at once, each with its first event: how many
+   were held, how many failed.
 
 The proxy under test runs on core 0 (one process); the upstream, the load
 generators and this driver on core 1. Each measurement runs ``--runs`` times
@@ -40,11 +48,17 @@ from types import FrameType
 from typing import Any
 
 from bench_lib import report
-from bench_lib.phases import Guard, phase_small_requests, phase_sse
+from bench_lib.phases import Guard, phase_hold, phase_small_requests, phase_sse, phase_ttft
 from bench_lib.procs import BenchError
 from bench_lib.render import git_state, machine_info, render
-from bench_lib.settings import MEASUREMENTS, SSE_TOKENS_PER_S, Log, Settings
-from bench_lib.targets import NAMES, REPO, target_kinds
+from bench_lib.settings import (
+    HOLD_TOKENS_PER_S,
+    MEASUREMENTS,
+    SSE_TOKENS_PER_S,
+    Log,
+    Settings,
+)
+from bench_lib.targets import NAMES, REPO, nofile_limit, target_kinds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,9 +96,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("canned", "sim"),
         default="canned",
         help="upstream of measurements 1-2: a canned fast server (default) or the simulated "
-        "replica (ttft 0); measurement 3 always uses the simulated replica",
+        "replica (ttft 0); measurements 3-6 always use the simulated replica",
     )
     p.add_argument("--streams", type=int, default=1000, help="concurrent SSE streams")
+    p.add_argument(
+        "--idle-streams",
+        type=int,
+        help="idle streams open at once for the memory measurement (default 5000; --quick 1000)",
+    )
+    p.add_argument(
+        "--hold-streams",
+        type=int,
+        help="streams to hold open at once (default 10000; --quick 2000)",
+    )
     p.add_argument(
         "--llmproxy-src",
         type=Path,
@@ -138,6 +162,11 @@ def settings_from(ns: argparse.Namespace, ncpu: int, src: Path) -> Settings:
         retries=ns.retries if ns.retries is not None else (0 if quick else 2),
         quiet_wait_s=5.0 if quick else 30.0,
         quiet_budget_s=10.0 if quick else 180.0,
+        ttft_requests=300 if quick else 2000,
+        ttft_warmup=50 if quick else 200,
+        idle_streams=ns.idle_streams or (1000 if quick else 5000),
+        hold_streams=ns.hold_streams or (2000 if quick else 10000),
+        hold_s=1.0 if quick else 2.0,
     )
 
 
@@ -146,9 +175,12 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _raise_fd_limit() -> None:
-    """1,000 streams take 2,000+ descriptors in the proxy; lift the soft limit."""
+    """A stream takes two descriptors in the proxy; lift the soft limit to the hard one.
+
+    The children (proxies, replica, load generators) inherit it.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    want = nofile_limit()
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
@@ -158,7 +190,7 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
     raw, targets = doc["raw"], doc["targets"]
     doc["summary"] = summary = report.summarize(raw, targets)
     doc["ratios"] = report.ratios(summary, targets)
-    doc["goals"] = report.goals(summary, report.invalid_cells(raw))
+    doc["goals"] = report.goals(summary, report.invalid_cells(raw), report.limited_cells(raw))
     return doc
 
 
@@ -212,7 +244,9 @@ def _measure(ns: argparse.Namespace, workdir: Path, log: Log) -> dict[str, Any]:
     else:
         log(f"only {ncpu} core: nothing is pinned; numbers mix proxy and load-generator CPU")
 
-    known = target_kinds(src)
+    sizes = {"sse": st.sse_streams, "idle": st.idle_streams, "hold": st.hold_streams}
+    busiest = max((n for m, n in sizes.items() if m in st.measurements), default=0)
+    known = target_kinds(src, max_streams=busiest)
     wanted = [t for t in ns.targets.split(",") if t]
     unknown = [t for t in wanted if t not in known]
     if unknown:
@@ -225,21 +259,30 @@ def _measure(ns: argparse.Namespace, workdir: Path, log: Log) -> dict[str, Any]:
         raise SystemExit(f"cannot measure llmproxy: {skipped[report.SUBJECT]}")
     chosen = [known[n] for n in wanted if n not in skipped]
 
-    raw: dict[str, Any] = {"latency": {}, "throughput": {}, "sse": {}, "memory": {}}
+    raw: dict[str, Any] = {m: {} for m in (*MEASUREMENTS, "memory")}
     command = shlex.join(["python", "loadtests/bench.py", *sys.argv[1:]])
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     log(f"{command}; llmproxy {src} (git {git}); work dir {workdir}")
     guard = Guard(st, log)
     if {"latency", "throughput"} & set(st.measurements):
         phase_small_requests(chosen, st, workdir, raw, log=log, guard=guard)
+    if "ttft" in st.measurements:
+        phase_ttft(chosen, st, workdir, raw, log=log, guard=guard)
     if "sse" in st.measurements:
         phase_sse(chosen, st, workdir, raw, log=log, guard=guard)
+    for measurement, streams in (("idle", st.idle_streams), ("hold", st.hold_streams)):
+        if measurement in st.measurements:
+            phase_hold(
+                chosen, st, workdir, raw, log=log, guard=guard,
+                measurement=measurement, streams=streams,
+            )  # fmt: skip
 
     settings = asdict(st)
     settings["proxy_cores"] = sorted(st.proxy_cores) if st.proxy_cores else None
     settings["load_cores"] = sorted(st.load_cores) if st.load_cores else None
     settings["sse_tokens_per_s"] = SSE_TOKENS_PER_S
     settings["sse_max_tokens"] = st.sse_max_tokens
+    settings["hold_tokens_per_s"] = HOLD_TOKENS_PER_S
     return finish(
         {
             "format": 1,
@@ -285,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             "sse_window_s",
             "sse_streams",
             "upstream",
+            "ttft_requests",
+            "idle_streams",
+            "hold_streams",
         )
         mine, theirs = doc.get("settings", {}), baseline.get("settings", {})
-        differ = [k for k in keys if mine.get(k) != theirs.get(k)]
+        differ = [k for k in keys if k in mine and k in theirs and mine[k] != theirs[k]]
         if differ:
             print(
                 "\nNote: the two runs differ in "

@@ -1,4 +1,4 @@
-"""The three measurements, each run against every target, and what they need.
+"""The measurements, each run against every target, and what they need.
 
 Processes are started through :class:`~bench_lib.procs.Processes`, so each
 phase stops everything it started when it ends, however it ends.
@@ -14,10 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench_lib import report, wrk
 from bench_lib.procs import (
@@ -27,15 +27,20 @@ from bench_lib.procs import (
     Processes,
     cores_of,
     cpu_seconds,
+    fd_limit,
+    open_fds,
     rss_bytes,
     wait_quiet,
 )
 from bench_lib.settings import (
     HERE,
+    HOLD_MAX_TOKENS,
+    HOLD_TOKENS_PER_S,
     MODEL,
     PATH,
     SMALL_BODY,
     SSE_TOKENS_PER_S,
+    TTFT_BODY,
     UPSTREAM_READY,
     Log,
     Settings,
@@ -128,10 +133,13 @@ class Guard:
         return out
 
 
-def rotated(items: list[Running], i: int) -> list[Running]:
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], i: int) -> list[T]:
     """Targets in a different order each run, so none always goes first."""
     k = i % len(items)
-    return items[k:] + items[:k]
+    return [*items[k:], *items[:k]]
 
 
 def start_targets(
@@ -198,13 +206,25 @@ def wait_upstream_idle(upstream: Endpoint, timeout_s: float) -> tuple[int, float
         time.sleep(0.05)
 
 
-# -- the three measurements ------------------------------------------------------------------
+# -- the measurements ------------------------------------------------------------------------
 
 
 def measure_latency(procs: Processes, st: Settings, t: Running) -> dict[str, Any]:
     args = [
         "--host", t.endpoint.host, "--port", str(t.endpoint.port), "--path", PATH,
         "--body", SMALL_BODY, "--n", str(st.latency_requests), "--warmup", str(st.latency_warmup),
+    ]  # fmt: skip
+    out = helper(procs, "latency_client", args, st, timeout_s=120)
+    stats = report.latency_stats(out["samples_us"])
+    stats.update(errors=out["errors"], reconnects=out["reconnects"])
+    return stats
+
+
+def measure_ttft(procs: Processes, st: Settings, t: Running) -> dict[str, Any]:
+    args = [
+        "--host", t.endpoint.host, "--port", str(t.endpoint.port), "--path", PATH,
+        "--body", TTFT_BODY, "--n", str(st.ttft_requests), "--warmup", str(st.ttft_warmup),
+        "--sse",
     ]  # fmt: skip
     out = helper(procs, "latency_client", args, st, timeout_s=120)
     stats = report.latency_stats(out["samples_us"])
@@ -238,6 +258,35 @@ def measure_streams(
     out = helper(procs, "sse_load", args, st, timeout_s=st.sse_window_s + st.sse_warmup_s + 90)
     out["rss_before_bytes"] = rss_before
     # Every client has gone: whatever the replica still generates, the proxy did not cancel.
+    left, waited = wait_upstream_idle(upstream, timeout_s=10)
+    out["upstream_left_running"] = left
+    out["upstream_drain_s"] = waited
+    return out
+
+
+def measure_hold(
+    procs: Processes,
+    st: Settings,
+    t: Running,
+    upstream: Endpoint,
+    *,
+    upstream_pid: int,
+    streams: int,
+) -> dict[str, Any]:
+    ready_s = st.ready_timeout_s(streams)
+    args = [
+        "--host", t.endpoint.host, "--port", str(t.endpoint.port), "--path", PATH,
+        "--model", MODEL, "--streams", str(streams), "--max-tokens", str(HOLD_MAX_TOKENS),
+        "--ready-timeout-s", f"{ready_s:g}", "--hold-s", f"{st.hold_s:g}",
+        "--pids", ",".join(map(str, t.pids)),
+    ]  # fmt: skip
+    # Descriptors: a proxy holds two per stream (client and upstream side), the
+    # replica one; the process that needs them must be allowed that many.
+    holder = t.pids or [upstream_pid]
+    fds_before = open_fds(holder)
+    out = helper(procs, "hold_load", args, st, timeout_s=ready_s + st.hold_s + 60)
+    out["fd_limit"] = fd_limit(holder)
+    out["fds_needed"] = fds_before + (2 if t.pids else 1) * streams
     left, waited = wait_upstream_idle(upstream, timeout_s=10)
     out["upstream_left_running"] = left
     out["upstream_drain_s"] = waited
@@ -341,3 +390,87 @@ def phase_sse(
         for t in running:
             if t.pids:
                 raw["memory"][t.name]["rss_end_bytes"] = rss_bytes(t.pids)
+
+
+def phase_ttft(
+    kinds: list[TargetKind],
+    st: Settings,
+    workdir: Path,
+    raw: dict[str, Any],
+    *,
+    log: Log,
+    guard: Guard,
+) -> None:
+    """Time to first token at concurrency 1, from a replica that answers at once."""
+    with Processes(workdir) as procs:
+        _, upstream = start_upstream(procs, st, kind="sim", tokens_per_s=0, max_tokens=1)
+        log(f"upstream (sim, ttft 0, no delay between tokens) on {upstream.url}")
+        running = start_targets(procs, kinds, upstream, workdir=workdir, st=st, log=log)
+        for i in range(st.runs):
+            for t in rotated(running, i):
+                label = f"ttft run {i + 1}/{st.runs} {t.name}"
+                r = guard.run(procs, label, partial(measure_ttft, procs, st, t))
+                raw["ttft"].setdefault(t.name, []).append(r)
+                log(
+                    f"{label}: p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
+                    f"errors {r['errors']}"
+                )
+
+
+def phase_hold(
+    kinds: list[TargetKind],
+    st: Settings,
+    workdir: Path,
+    raw: dict[str, Any],
+    *,
+    log: Log,
+    guard: Guard,
+    measurement: str,
+    streams: int,
+) -> None:
+    """Idle memory or holding: ``streams`` streams open at once, each after its first event.
+
+    Every attempt (a run, or its repeat) starts its own replica and target: the
+    memory a run leaves behind (Python rarely gives it back) would make the
+    next one look free, a breaker a run opened would fail the next, and the
+    connections it leaves in TIME_WAIT are not there to collide with the next.
+    They are stopped (and reaped) inside the measured block, so their CPU counts
+    as the benchmark's own, not as other processes'.
+    """
+    with Processes(workdir) as outer:
+        for i in range(st.runs):
+            for kind in rotated(kinds, i):
+                label = f"{measurement} run {i + 1}/{st.runs} {kind.name}"
+                measure = partial(fresh_hold, kind, st, workdir, log, streams)
+                r = guard.run(outer, label, measure)
+                raw[measurement].setdefault(kind.name, []).append(r)
+                mem = (
+                    f"; proxy RSS {r['rss_before_bytes'] / 2**20:.1f} -> peak "
+                    f"{r['rss_peak_bytes'] / 2**20:.1f} MiB = "
+                    f"{(r['rss_peak_bytes'] - r['rss_before_bytes']) / streams * 1000 / 1024:,.0f}"
+                    f" KiB per 1,000 streams, descriptors peak {r['fds_peak']:,} of "
+                    f"{r['fd_limit'] or 0:,}"
+                    if r["proxy"]
+                    else ""
+                )
+                left = r["upstream_left_running"]
+                log(
+                    f"{label}: held {r['held']:,}/{streams:,} (errors {r['errors']:,}), "
+                    f"all up in {r['ready_s']:.1f} s"
+                    + mem
+                    + (f", {left} upstream streams left running" if left else "")
+                )
+
+
+def fresh_hold(
+    kind: TargetKind, st: Settings, workdir: Path, log: Log, streams: int
+) -> dict[str, Any]:
+    """One idle or hold run against a replica and a target started for it alone."""
+    with Processes(workdir) as procs:
+        sim, upstream = start_upstream(
+            procs, st, kind="sim", tokens_per_s=HOLD_TOKENS_PER_S, max_tokens=HOLD_MAX_TOKENS
+        )
+        (t,) = start_targets(procs, [kind], upstream, workdir=workdir, st=st, log=log)
+        out = measure_hold(procs, st, t, upstream, upstream_pid=sim.pid, streams=streams)
+        out["proxy"] = t.is_proxy
+        return out

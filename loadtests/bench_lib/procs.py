@@ -289,6 +289,28 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def open_fds(pids: list[int]) -> int:
+    """Descriptors the processes hold open now (a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
+
+
+def fd_limit(pids: list[int]) -> int | None:
+    """The lowest soft limit on open files among the processes (None: unlimited or unknown)."""
+    limits = []
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    if soft.isdigit():
+                        limits.append(int(soft))
+    return min(limits) if limits else None
+
+
 def cores_of(pid: int) -> str:
     """The cores every thread of ``pid`` may run on, e.g. ``"0"``."""
     lists = set()

@@ -71,11 +71,17 @@ def notes(doc: dict[str, Any]) -> list[str]:
         out.append(f"{name} skipped: {why}")
     for t, by_measurement in report.failures(raw).items():
         for measurement, what in by_measurement.items():
-            out.append(f"**{t} {measurement}: {what}: its numbers are marked (!) and invalid**")
-    for t, runs in raw["latency"].items():
-        rec = sum(r["reconnects"] for r in runs)
-        if rec:
-            out.append(f"latency {t}: the server closed the keep-alive connection {rec} times")
+            if measurement == "hold":
+                out.append(f"**{t} {measurement}: {what}**")
+            else:
+                out.append(f"**{t} {measurement}: {what}: its numbers are marked (!) and invalid**")
+    for measurement in ("latency", "ttft"):
+        for t, runs in raw.get(measurement, {}).items():
+            rec = sum(r["reconnects"] for r in runs)
+            if rec:
+                out.append(
+                    f"{measurement} {t}: the server closed the keep-alive connection {rec} times"
+                )
     for t, runs in raw["throughput"].items():
         rps = statistics.median([r["rps"] for r in runs])
         up = statistics.median([100 * r["upstream_cpu_share"] for r in runs])
@@ -107,10 +113,19 @@ def notes(doc: dict[str, Any]) -> list[str]:
             f"stopped generating within {max(r['upstream_drain_s'] for r in runs):.2f} s"
             + (f" (**{left} streams still generating after 10 s**)" if left else "")
         )
+        gaps = [r["gaps"] for r in runs if r.get("gaps", {}).get("n")]
+        if gaps:
+            out.append(
+                f"sse gaps {t}: {statistics.median(g['n'] for g in gaps):,.0f} gaps per run, "
+                f"max {max(g['max_ms'] for g in gaps):,.1f} ms, "
+                f"{statistics.median(100 * g['zero_share'] for g in gaps):.1f}% "
+                "of events in the same read as the one before"
+            )
+    out.extend(_stream_notes(raw, st))
     kept = [
         (measurement, t, r)
-        for measurement in ("latency", "throughput", "sse")
-        for t, runs in raw[measurement].items()
+        for measurement in ("latency", "throughput", "ttft", "sse", "idle", "hold")
+        for t, runs in raw.get(measurement, {}).items()
         for r in runs
     ]
     repeats = sum(r.get("attempt", 1) - 1 for _, _, r in kept)
@@ -132,6 +147,46 @@ def notes(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _span(values: list[float], spec: str) -> str:
+    """``"3"``, or ``"3 to 5"`` over runs that differ."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _stream_notes(raw: dict[str, Any], st: dict[str, Any]) -> list[str]:
+    """The idle and hold measurements: how the streams came up, descriptors, cancellation."""
+    out: list[str] = []
+    for measurement in ("idle", "hold"):
+        for t, runs in raw.get(measurement, {}).items():
+            n = runs[0]["streams_requested"]
+            held = [r["held"] for r in runs]
+            ready = [r["ready_s"] for r in runs]
+            text = (
+                f"{measurement} {t}: held {_span(held, ',')} of {n:,} streams; all up (first "
+                f"event) within {_span(ready, '.1f')} s"
+            )
+            peaks = [r["fds_peak"] for r in runs if r["fds_peak"]]
+            limit = runs[0].get("fd_limit")
+            if peaks:
+                text += f"; proxy descriptors peak {max(peaks):,} (limit {limit or 0:,})"
+            left = max(r["upstream_left_running"] for r in runs)
+            text += (
+                f"; when the clients left, the replica stopped within "
+                f"{max(r['upstream_drain_s'] for r in runs):.2f} s"
+                + (f" (**{left} streams still waiting after 10 s**)" if left else "")
+            )
+            out.append(text)
+    for (measurement, t), r in report.fd_limited(raw).items():
+        out.append(
+            f"**{measurement} {t}: a process here may open {r['fd_limit']:,} files (the hard "
+            "limit; raising it needs CAP_SYS_RESOURCE); a stream through a proxy takes two "
+            f"(client and upstream side), so {r['streams_requested']:,} streams need "
+            f"{r['fds_needed']:,}: one process cannot hold them all on this machine, and the "
+            "values marked (fd) are the machine's limit, not the proxy's**"
+        )
+    return out
+
+
 def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     st = doc["settings"]
@@ -150,9 +205,27 @@ def render(doc: dict[str, Any]) -> str:
         f"c=1: {st['latency_requests']:,} sequential requests on one keep-alive connection; "
         f"c=64: wrk -t1 -c{st['wrk_connections']} -d{st['wrk_seconds']}s; "
         f"SSE: {st['sse_streams']:,} streams, {SSE_TOKENS_PER_S:g} events/s each, "
-        f"{st['sse_window_s']:g} s window. Upstream of the small requests: {st['upstream']}.",
+        f"{st['sse_window_s']:g} s window. Upstream of the small requests: {st['upstream']}."
+        + (
+            f" TTFT: {st['ttft_requests']:,} sequential streamed requests, replica without delay."
+            if "ttft_requests" in st
+            else ""
+        )
+        + (
+            f" Idle: {st['idle_streams']:,} streams; hold: {st['hold_streams']:,} streams; "
+            f"each open at once after its first event, {st['hold_s']:g} s, a fresh replica and "
+            "target per run."
+            if "hold_streams" in st
+            else ""
+        ),
         "",
-        report.markdown_table(doc["summary"], doc["targets"], report.invalid_cells(doc["raw"])),
+        report.markdown_table(
+            doc["summary"],
+            doc["targets"],
+            report.invalid_cells(doc["raw"]),
+            report.limited_cells(doc["raw"]),
+            st,
+        ),
         "",
         "Notes:",
         *(f"- {n}" for n in notes(doc)),

@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 Raw = dict[str, Any]
@@ -52,6 +53,26 @@ class Metric:
     fmt: Callable[[float], str]
     #: Whether --compare judges it (a busier core is not worse in itself).
     compared: bool = True
+    #: Smallest change of the absolute value (in ``unit``) --compare calls worse, for
+    #: values near zero ("added" ones) where a relative margin means nothing; their
+    #: ratios are shown only when both values are above it.
+    floor: float = 0.0
+
+    def ratio(self, value: float | None, ref: float | None) -> float | None:
+        """``value ÷ ref``, or None where the quotient means nothing (noise, zero)."""
+        if value is None or ref is None or ref <= self.floor or ref <= 0:
+            return None
+        if self.floor and value <= self.floor:
+            return None
+        return value / ref
+
+    def title(self, settings: dict[str, Any] | None = None) -> str:
+        """The label with the run's sizes filled in (``{sse_streams:,}``...)."""
+        return self.label.format_map({**LABEL_DEFAULTS, **(settings or {})})
+
+
+#: Sizes in labels, for files saved before a setting existed.
+LABEL_DEFAULTS: dict[str, Any] = {"sse_streams": 1000, "idle_streams": 5000, "hold_streams": 10000}
 
 
 def _ms(v: float) -> str:
@@ -70,24 +91,100 @@ def _one(v: float) -> str:
     return f"{v:,.1f}"
 
 
+def _two(v: float) -> str:
+    return f"{v:,.2f}"
+
+
+def _added2(v: float) -> str:
+    return f"+{v:.2f}" if v >= 0 else f"{v:.2f}"
+
+
 METRICS: tuple[Metric, ...] = (
     Metric("lat_p50_ms", "Latency p50, c=1, small POST (ms)", "ms", "lower", _ms),
     Metric("lat_p99_ms", "Latency p99, c=1, small POST (ms)", "ms", "lower", _ms),
-    Metric("added_p50_ms", "Added p50 vs direct, c=1 (ms)", "ms", "lower", _added),
-    Metric("added_p99_ms", "Added p99 vs direct, c=1 (ms)", "ms", "lower", _added),
+    Metric("added_p50_ms", "Added p50 vs direct, c=1 (ms)", "ms", "lower", _added, floor=0.05),
+    Metric("added_p99_ms", "Added p99 vs direct, c=1 (ms)", "ms", "lower", _added, floor=0.05),
+    Metric("ttft_p50_ms", "TTFT p50, c=1, small streamed POST (ms)", "ms", "lower", _ms),
+    Metric("ttft_p99_ms", "TTFT p99, c=1, small streamed POST (ms)", "ms", "lower", _ms),
+    Metric(
+        "ttft_added_p50_ms", "Added TTFT p50 vs direct, c=1 (ms)", "ms", "lower", _added, floor=0.05
+    ),
+    Metric(
+        "ttft_added_p99_ms", "Added TTFT p99 vs direct, c=1 (ms)", "ms", "lower", _added, floor=0.05
+    ),
     Metric("rps", "Requests/s, c=64, small POST (wrk)", "req/s", "higher", _int),
     Metric("cpu_us_per_req", "Proxy CPU per request at c=64 (µs)", "µs", "lower", _one),
     Metric("cpu_core_pct", "Proxy core busy at c=64 (%)", "%", "lower", _int, compared=False),
     Metric(
         "rps_per_core", "Req/s one proxy core could do (1 s ÷ CPU/request)", "req/s", "higher", _int
     ),
-    Metric("sse_events_per_s", "SSE events/s, 1,000 streams x 20/s", "ev/s", "higher", _int),
+    Metric(
+        "sse_events_per_s", "SSE events/s, {sse_streams:,} streams x 20/s", "ev/s", "higher", _int
+    ),
     Metric("sse_cpu_us_per_event", "Proxy CPU per SSE event (µs)", "µs", "lower", _one),
-    Metric("sse_rss_mib", "Proxy RSS with 1,000 streams (MiB)", "MiB", "lower", _one),
+    Metric("sse_gap_p50_ms", "SSE gap between events p50 (ms; sent every 50)", "ms", "lower", _two),
+    Metric("sse_gap_p99_ms", "SSE gap between events p99 (ms)", "ms", "lower", _two),
+    Metric("sse_gap_p999_ms", "SSE gap between events p99.9 (ms)", "ms", "lower", _two),
+    Metric(
+        "sse_gap_added_p99_ms", "Added SSE gap p99 vs direct (ms)", "ms", "lower", _added2, floor=1
+    ),
+    Metric(
+        "sse_gap_added_p999_ms",
+        "Added SSE gap p99.9 vs direct (ms)",
+        "ms",
+        "lower",
+        _added2,
+        floor=1,
+    ),
+    Metric("sse_rss_mib", "Proxy RSS with {sse_streams:,} streams (MiB)", "MiB", "lower", _one),
     Metric(
         "sse_rss_kib_per_stream",
         "Proxy RSS per open stream, over a fresh start (KiB)",
         "KiB",
+        "lower",
+        _one,
+    ),
+    Metric(
+        "idle_rss_kib_per_1k",
+        "Proxy RSS per 1,000 idle streams, {idle_streams:,} open (KiB)",
+        "KiB",
+        "lower",
+        _int,
+    ),
+    Metric("idle_rss_kib_per_stream", "Proxy RSS per idle stream (KiB)", "KiB", "lower", _one),
+    Metric(
+        "idle_rss_peak_mib",
+        "Proxy peak RSS, {idle_streams:,} idle streams (MiB)",
+        "MiB",
+        "lower",
+        _one,
+    ),
+    Metric(
+        "hold_held",
+        "Streams held at once, of {hold_streams:,} (worst run)",
+        "streams",
+        "higher",
+        _int,
+    ),
+    Metric(
+        "hold_errors",
+        "Streams not held, of {hold_streams:,} (worst run)",
+        "streams",
+        "lower",
+        _int,
+    ),
+    Metric(
+        "hold_ready_s",
+        "Seconds until all {hold_streams:,} had a first event",
+        "s",
+        "lower",
+        _one,
+        compared=False,
+    ),
+    Metric(
+        "hold_rss_peak_mib",
+        "Proxy peak RSS, {hold_streams:,} streams (MiB)",
+        "MiB",
         "lower",
         _one,
     ),
@@ -97,21 +194,44 @@ BY_KEY = {m.key: m for m in METRICS}
 
 @dataclass(frozen=True, slots=True)
 class Goal:
+    """A target from an issue: on llmproxy's value, or on its ratio to ``ref``."""
+
     metric: str
     op: str  # "<=" or ">="
     limit: float
     text: str
+    #: The issue that sets it.
+    issue: int
+    #: None: the goal is on the value; a target name: on llmproxy ÷ that target.
+    ref: str | None = None
 
     def met(self, value: float) -> bool:
         return value <= self.limit if self.op == "<=" else value >= self.limit
 
+    def subject_value(self, row: dict[str, float], metric: Metric) -> float | None:
+        """What the goal is checked on: llmproxy's value, or its ratio to ``ref``."""
+        if self.ref is None:
+            return row.get(SUBJECT)
+        return metric.ratio(row.get(SUBJECT), row.get(self.ref))
 
+
+#: Issue #2's foundation targets and issue #6's, one gateway process on one core.
 GOALS: tuple[Goal, ...] = (
-    Goal("added_p50_ms", "<=", 0.3, "≤ 0.3 ms"),
-    Goal("rps", ">=", 5000, "≥ 5,000"),
-    Goal("sse_cpu_us_per_event", "<=", 40, "≤ 40 µs"),
+    Goal("added_p50_ms", "<=", 0.3, "≤ 0.3 ms (#2)", 2),
+    Goal("added_p50_ms", "<=", 0.25, "≤ 0.25 ms (#6)", 6),
+    Goal("added_p99_ms", "<=", 0.6, "≤ 0.6 ms (#6)", 6),
+    Goal("rps", ">=", 5000, "≥ 5,000 (#2)", 2),
+    Goal("rps", ">=", 0.2, "≥ 0.2x nginx (#6)", 6, ref="nginx"),
+    Goal("sse_cpu_us_per_event", "<=", 40, "≤ 40 µs (#2)", 2),
+    Goal("sse_cpu_us_per_event", "<=", 1.2, "≤ 1.2x nginx (#6)", 6, ref="nginx"),
+    Goal("sse_gap_added_p99_ms", "<=", 1.0, "≤ 1 ms (#6)", 6),
+    Goal("sse_gap_added_p999_ms", "<=", 5.0, "≤ 5 ms (#6)", 6),
+    Goal("idle_rss_kib_per_stream", "<=", 16, "≤ 16 KiB (#6)", 6),
+    Goal("hold_errors", "<=", 0, "0 errors (#6)", 6),
 )
-GOAL_BY_METRIC = {g.metric: g for g in GOALS}
+GOALS_BY_METRIC: dict[str, list[Goal]] = {}
+for _g in GOALS:
+    GOALS_BY_METRIC.setdefault(_g.metric, []).append(_g)
 
 
 def _median(values: list[float]) -> float | None:
@@ -124,7 +244,7 @@ def _per_run(raw: Raw, measurement: str, target: str) -> list[dict[str, Any]]:
 
 
 def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
-    """Median over runs of every metric, per target."""
+    """Median over runs of every metric, per target (the hold counts: the worst run)."""
     out: Summary = {m.key: {} for m in METRICS}
 
     def put(key: str, target: str, values: list[float]) -> None:
@@ -132,22 +252,30 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         if med is not None:
             out[key][target] = med
 
-    direct_lat = _per_run(raw, "latency", DIRECT)
+    def added(
+        key: str, target: str, runs: list[dict[str, Any]], value: Callable[[Raw], float | None]
+    ) -> None:
+        """Target minus direct within each run (measured back to back), then the median."""
+        direct = _per_run(raw, _MEASUREMENT_OF[key], DIRECT)
+        if target == DIRECT or not direct:
+            return
+        diffs = []
+        for r, d in zip(runs, direct, strict=True):
+            a, b = value(r), value(d)
+            if a is not None and b is not None:
+                diffs.append(a - b)
+        put(key, target, diffs)
+
     for t in targets:
         lat = _per_run(raw, "latency", t)
         put("lat_p50_ms", t, [r["p50_us"] / 1000 for r in lat])
         put("lat_p99_ms", t, [r["p99_us"] / 1000 for r in lat])
-        if t != DIRECT and direct_lat:
-            # Differences within a run (targets measured back to back), then the median.
-            for q in ("p50", "p99"):
-                put(
-                    f"added_{q}_ms",
-                    t,
-                    [
-                        (r[f"{q}_us"] - d[f"{q}_us"]) / 1000
-                        for r, d in zip(lat, direct_lat, strict=True)
-                    ],
-                )
+        ttft = _per_run(raw, "ttft", t)
+        put("ttft_p50_ms", t, [r["p50_us"] / 1000 for r in ttft])
+        put("ttft_p99_ms", t, [r["p99_us"] / 1000 for r in ttft])
+        for q in ("p50", "p99"):
+            added(f"added_{q}_ms", t, lat, partial(_us_as_ms, f"{q}_us"))
+            added(f"ttft_added_{q}_ms", t, ttft, partial(_us_as_ms, f"{q}_us"))
         thr = _per_run(raw, "throughput", t)
         put("rps", t, [r["rps"] for r in thr])
         put(
@@ -163,36 +291,87 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         )
         sse = _per_run(raw, "sse", t)
         put("sse_events_per_s", t, [r["events_per_s"] for r in sse])
-        if t != DIRECT:
+        for q in ("p50", "p99", "p999"):
+            put(f"sse_gap_{q}_ms", t, [g for r in sse if (g := _gap(q, r)) is not None])
+        for q in ("p99", "p999"):
+            added(f"sse_gap_added_{q}_ms", t, sse, partial(_gap, q))
+        idle = _per_run(raw, "idle", t)
+        hold = _per_run(raw, "hold", t)
+        if hold:
+            # Whether every stream was held: the worst run counts, not the median.
+            out["hold_held"][t] = min(r["held"] for r in hold)
+            out["hold_errors"][t] = max(r["errors"] for r in hold)
+        put("hold_ready_s", t, [r["ready_s"] for r in hold if r["all_ready"]])
+        if t == DIRECT:
+            continue
+        put(
+            "sse_cpu_us_per_event",
+            t,
+            [r["target_cpu_s"] / r["events"] * 1e6 for r in sse if r["events"]],
+        )
+        put("sse_rss_mib", t, [r["target_rss_bytes"] / 2**20 for r in sse])
+        # Against the RSS of the freshly started proxy, not the RSS just before
+        # the run: memory a run leaves behind (it rarely goes back to the OS)
+        # would otherwise make later runs look free.
+        fresh = raw.get("memory", {}).get(t, {}).get("rss_start_bytes")
+        if fresh is not None:
             put(
-                "sse_cpu_us_per_event",
+                "sse_rss_kib_per_stream",
                 t,
-                [r["target_cpu_s"] / r["events"] * 1e6 for r in sse if r["events"]],
+                [
+                    (r["target_rss_bytes"] - fresh) / r["streams_streaming"] / 1024
+                    for r in sse
+                    if r["streams_streaming"]
+                ],
             )
-            put("sse_rss_mib", t, [r["target_rss_bytes"] / 2**20 for r in sse])
-            # Against the RSS of the freshly started proxy, not the RSS just before
-            # the run: memory a run leaves behind (it rarely goes back to the OS)
-            # would otherwise make later runs look free.
-            fresh = raw.get("memory", {}).get(t, {}).get("rss_start_bytes")
-            if fresh is not None:
-                put(
-                    "sse_rss_kib_per_stream",
-                    t,
-                    [
-                        (r["target_rss_bytes"] - fresh) / r["streams_streaming"] / 1024
-                        for r in sse
-                        if r["streams_streaming"]
-                    ],
-                )
+        # Each idle run has a freshly started proxy: "before" is its RSS just
+        # before the streams opened.
+        grown = [
+            (r["rss_peak_bytes"] - r["rss_before_bytes"], r["streams_requested"]) for r in idle
+        ]
+        put("idle_rss_kib_per_1k", t, [b / 1024 / (n / 1000) for b, n in grown])
+        put("idle_rss_kib_per_stream", t, [b / 1024 / n for b, n in grown])
+        put("idle_rss_peak_mib", t, [r["rss_peak_bytes"] / 2**20 for r in idle])
+        put("hold_rss_peak_mib", t, [r["rss_peak_bytes"] / 2**20 for r in hold])
     return out
 
 
-#: Which metrics a failed request in each measurement makes meaningless.
+def _us_as_ms(key: str, run: Raw) -> float | None:
+    value: float = run[key] / 1000
+    return value
+
+
+def _gap(q: str, run: Raw) -> float | None:
+    """Percentile ``q`` ("p99") of an SSE run's inter-event gaps, ms (None: not recorded)."""
+    gaps = run.get("gaps") or {}
+    value: float | None = gaps.get(f"{q}_ms") if gaps.get("n") else None
+    return value
+
+
+#: Which metrics a failed request in each measurement makes meaningless. Streams
+#: not held are what the hold measurement counts: there, failures invalidate only
+#: what needs every stream up.
 _MEASUREMENT_METRICS = {
     "latency": ("lat_p50_ms", "lat_p99_ms", "added_p50_ms", "added_p99_ms"),
     "throughput": ("rps", "cpu_us_per_req", "cpu_core_pct", "rps_per_core"),
-    "sse": ("sse_events_per_s", "sse_cpu_us_per_event", "sse_rss_mib", "sse_rss_kib_per_stream"),
+    "ttft": ("ttft_p50_ms", "ttft_p99_ms", "ttft_added_p50_ms", "ttft_added_p99_ms"),
+    "sse": (
+        "sse_events_per_s",
+        "sse_cpu_us_per_event",
+        "sse_gap_p50_ms",
+        "sse_gap_p99_ms",
+        "sse_gap_p999_ms",
+        "sse_gap_added_p99_ms",
+        "sse_gap_added_p999_ms",
+        "sse_rss_mib",
+        "sse_rss_kib_per_stream",
+    ),
+    "idle": ("idle_rss_kib_per_1k", "idle_rss_kib_per_stream", "idle_rss_peak_mib"),
+    "hold": ("hold_ready_s", "hold_rss_peak_mib"),
 }
+_MEASUREMENT_OF = {k: m for m, keys in _MEASUREMENT_METRICS.items() for k in keys}
+#: The hold measurement's result, whatever failed.
+_HOLD_COUNTS = ("hold_held", "hold_errors")
 
 
 def failures(raw: Raw) -> dict[str, dict[str, str]]:
@@ -211,12 +390,69 @@ def failures(raw: Raw) -> dict[str, dict[str, str]]:
         sock = sum(int(r["socket_errors"]) for r in runs)
         if non2xx or sock:
             out.setdefault(t, {})["throughput"] = f"{non2xx} non-2xx, {sock} socket errors"
+    for t, runs in raw.get("ttft", {}).items():
+        errs = sum(r["errors"] for r in runs)
+        if errs:
+            out.setdefault(t, {})["ttft"] = f"{errs} responses not 200 or without an SSE event"
     for t, runs in raw.get("sse", {}).items():
         bad = sum(r["streams_requested"] - r["streams_streaming"] for r in runs)
         early = sum(r["closed_in_window"] for r in runs)
         if bad or early:
             out.setdefault(t, {})["sse"] = f"{bad} streams failed, {early} closed early"
+    for measurement in ("idle", "hold"):
+        for t, runs in raw.get(measurement, {}).items():
+            bad = [r for r in runs if r["errors"]]
+            if bad:
+                worst = max(bad, key=lambda r: r["errors"])
+                out.setdefault(t, {})[measurement] = (
+                    f"{len(bad)} of {len(runs)} run(s) did not hold every stream; "
+                    f"worst: {not_held(worst)}"
+                )
     return out
+
+
+def not_held(run: Raw) -> str:
+    """What became of the streams of an idle or hold run that were not held."""
+    kinds = (
+        ("connect errors", run["connect_errors"]),
+        ("not opened before the deadline", run["not_opened"]),
+        ("answered other than 200 or closed before a head", run["failed"]),
+        ("no first event", run["no_first_event"]),
+        ("closed after their first event", run["dropped"]),
+    )
+    statuses = {k: v for k, v in run["statuses"].items() if k != "200"}
+    detail = ", ".join(f"{what} {n:,}" for what, n in kinds if n)
+    return (
+        f"{run['errors']:,} of {run['streams_requested']:,} not held ({detail})"
+        + (f", statuses {statuses}" if statuses else "")
+        + ("; progress stalled" if run.get("stalled") else "")
+    )
+
+
+def fd_limited(raw: Raw) -> dict[tuple[str, str], Raw]:
+    """``{(measurement, target): worst run}`` where idle or hold runs failed while needing
+    more descriptors than one process may have on this machine.
+    """
+    out: dict[tuple[str, str], Raw] = {}
+    for measurement in ("idle", "hold"):
+        for t, runs in raw.get(measurement, {}).items():
+            hit = [
+                r
+                for r in runs
+                if r["errors"] and r.get("fd_limit") is not None and r["fds_needed"] > r["fd_limit"]
+            ]
+            if hit:
+                out[measurement, t] = max(hit, key=lambda r: r["errors"])
+    return out
+
+
+def limited_cells(raw: Raw) -> set[tuple[str, str]]:
+    """``(metric, target)`` pairs that the machine's open-files limit decided."""
+    cells: set[tuple[str, str]] = set()
+    for measurement, t in fd_limited(raw):
+        keys = _MEASUREMENT_METRICS[measurement] + (_HOLD_COUNTS if measurement == "hold" else ())
+        cells.update((k, t) for k in keys)
+    return cells
 
 
 def invalid_cells(raw: Raw) -> set[tuple[str, str]]:
@@ -243,28 +479,44 @@ def ratios(summary: Summary, targets: Sequence[str]) -> dict[str, dict[str, Any]
         if SUBJECT not in row or not m.compared:
             continue
         for ref in targets:
-            if ref == SUBJECT or ref not in row or row[ref] <= 0:
-                continue
-            out[ratio_key(m.key, SUBJECT, ref)] = {
-                "value": row[SUBJECT] / row[ref],
-                "better": m.better,
-            }
+            q = None if ref == SUBJECT else m.ratio(row[SUBJECT], row.get(ref))
+            if q is not None:
+                out[ratio_key(m.key, SUBJECT, ref)] = {"value": q, "better": m.better}
     return out
 
 
-def goals(summary: Summary, invalid: AbstractSet[tuple[str, str]]) -> list[dict[str, Any]]:
+def goals(
+    summary: Summary,
+    invalid: AbstractSet[tuple[str, str]],
+    limited: AbstractSet[tuple[str, str]] = frozenset(),
+) -> list[dict[str, Any]]:
     out = []
     for g in GOALS:
-        value = summary.get(g.metric, {}).get(SUBJECT)
+        value = g.subject_value(summary.get(g.metric, {}), BY_KEY[g.metric])
         ok = None if value is None or (g.metric, SUBJECT) in invalid else g.met(value)
-        out.append({"metric": g.metric, "goal": f"{g.op} {g.limit}", "value": value, "pass": ok})
+        item = {
+            "metric": g.metric,
+            "issue": g.issue,
+            "goal": f"{g.op} {g.limit}" + (f" x {g.ref}" if g.ref else ""),
+            "value": value,
+            "pass": ok,
+        }
+        if (g.metric, SUBJECT) in limited:
+            item["fd_limited"] = True
+        out.append(item)
     return out
 
 
 def markdown_table(
-    summary: Summary, targets: Sequence[str], invalid: AbstractSet[tuple[str, str]] = frozenset()
+    summary: Summary,
+    targets: Sequence[str],
+    invalid: AbstractSet[tuple[str, str]] = frozenset(),
+    limited: AbstractSet[tuple[str, str]] = frozenset(),
+    settings: dict[str, Any] | None = None,
 ) -> str:
-    """Invalid values (from runs with failed requests) carry a ``(!)`` and no verdict."""
+    """Invalid values (from runs with failed requests) carry a ``(!)`` and no verdict;
+    values the machine's open-files limit decided carry ``(fd)``.
+    """
     refs = [t for t in targets if t != SUBJECT]
     head = ["Measurement (median of runs)", *targets]
     head += [f"{SUBJECT} ÷ {r}" for r in refs]
@@ -277,25 +529,31 @@ def markdown_table(
         row = summary.get(m.key, {})
         if not row:
             continue
-        cells = [m.label]
+        cells = [m.title(settings)]
         cells += [
-            (m.fmt(row[t]) + (" (!)" if (m.key, t) in invalid else "")) if t in row else "—"
+            m.fmt(row[t])
+            + (" (fd)" if (m.key, t) in limited else " (!)" if (m.key, t) in invalid else "")
+            if t in row
+            else "—"
             for t in targets
         ]
         for r in refs:
-            if SUBJECT in row and r in row and row[r] > 0:
-                cells.append(f"{row[SUBJECT] / row[r]:.2f}x")
+            q = m.ratio(row.get(SUBJECT), row.get(r))
+            cells.append("—" if q is None else f"{q:.2f}x")
+        texts, verdicts = [], []
+        for g in GOALS_BY_METRIC.get(m.key, ()):
+            texts.append(g.text)
+            value = g.subject_value(row, m)
+            if (m.key, SUBJECT) in invalid:
+                verdicts.append("**INVALID**")
+            elif value is None:
+                verdicts.append("n/a")
+            elif g.met(value):
+                verdicts.append("**PASS**")
             else:
-                cells.append("—")
-        g = GOAL_BY_METRIC.get(m.key)
-        if g is None:
-            cells += ["", ""]
-        elif (m.key, SUBJECT) in invalid:
-            cells += [g.text, "**INVALID**"]
-        elif SUBJECT in row:
-            cells += [g.text, "**PASS**" if g.met(row[SUBJECT]) else "**MISS**"]
-        else:
-            cells += [g.text, "n/a"]
+                limit = " (fd limit)" if (m.key, SUBJECT) in limited else ""
+                verdicts.append(f"**MISS**{limit}")
+        cells += ["; ".join(texts), " / ".join(verdicts)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -316,11 +574,11 @@ def compare(current: Raw, baseline: Raw, margin: float) -> tuple[str, int]:
     """A Markdown table of ratios (and the subject's absolute medians) against a
     baseline; returns it and how many worsened by more than ``margin``.
     """
-    rows: list[tuple[str, str, float, float, str]] = []
+    rows: list[tuple[str, str, float, float, str, float]] = []
     base_r: dict[str, dict[str, Any]] = baseline.get("ratios", {})
     for key, cur in current.get("ratios", {}).items():
         if key in base_r:
-            rows.append(("ratio", key, base_r[key]["value"], cur["value"], cur["better"]))
+            rows.append(("ratio", key, base_r[key]["value"], cur["value"], cur["better"], 0.0))
     base_s: Summary = baseline.get("summary", {})
     for m in METRICS:
         if not m.compared:
@@ -328,17 +586,18 @@ def compare(current: Raw, baseline: Raw, margin: float) -> tuple[str, int]:
         b = base_s.get(m.key, {}).get(SUBJECT)
         c = current.get("summary", {}).get(m.key, {}).get(SUBJECT)
         if b is not None and c is not None:
-            rows.append(("absolute", f"{m.key}:{SUBJECT}", b, c, m.better))
+            rows.append(("absolute", f"{m.key}:{SUBJECT}", b, c, m.better, m.floor))
     worse = 0
     lines = [
         f"| kind | key | baseline | now | change | verdict (margin {margin:.0%}) |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for kind, key, b, c, better in rows:
+    for kind, key, b, c, better, floor in rows:
         change = (c - b) / abs(b) if b else 0.0
-        # Added latency can be near zero or negative: judge it by its own margin of 0.05 ms.
-        if key.startswith("added_") and kind == "absolute":
-            worsened = c - b > max(margin * abs(b), 0.05)
+        # Added latency can be near zero or negative: judged by its own floor (0.05 ms...).
+        if floor:
+            worse_by = c - b if better == "lower" else b - c
+            worsened = worse_by > max(margin * abs(b), floor)
         elif better == "lower":
             worsened = c > b * (1 + margin) if b >= 0 else c > b + margin * abs(b)
         else:

@@ -18,13 +18,26 @@ MODEL = "sim-model"
 SMALL_BODY = json.dumps(
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 )
+#: The streamed request of the time-to-first-token measurement.
+TTFT_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1,
+        "stream": True,
+    }
+)
 PATH = "/v1/chat/completions"
 SSE_TOKENS_PER_S = 20.0
+#: The replica of the idle and hold measurements: the first event at once, the
+#: second 100 s later, so an open stream holds its connections without traffic.
+HOLD_TOKENS_PER_S = 0.01
+HOLD_MAX_TOKENS = 2
 #: Seconds a stream lasts beyond warm-up and window: covers opening 1,000 streams.
 #: (The replica builds every token up front, ~2 µs each: keep streams no longer.)
 SSE_MARGIN_S = 25.0
 UPSTREAM_READY = r"listening on http://([\d.]+):(\d+)"
-MEASUREMENTS = ("latency", "throughput", "sse")
+MEASUREMENTS = ("latency", "throughput", "ttft", "sse", "idle", "hold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,19 @@ class Settings:
     quiet_wait_s: float = 30.0
     #: All waiting for quiet and repeating together stops after this many seconds.
     quiet_budget_s: float = 180.0
+    #: Sequential streamed requests of the time-to-first-token measurement.
+    ttft_requests: int = 2000
+    ttft_warmup: int = 200
+    #: Idle streams open at once for the memory measurement.
+    idle_streams: int = 5000
+    #: Streams that must be held at once without error.
+    hold_streams: int = 10000
+    #: How long the idle and hold measurements keep every stream open once all are up.
+    hold_s: float = 2.0
+
+    def ready_timeout_s(self, streams: int) -> float:
+        """Longest time to get ``streams`` streams to their first event (~1,000/s here)."""
+        return 20.0 + streams / 200
 
     @property
     def sse_max_tokens(self) -> int:

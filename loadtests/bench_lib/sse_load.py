@@ -27,11 +27,14 @@ import json
 import resource
 import sys
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from bench_lib.loop import run
 from bench_lib.procs import cpu_seconds, rss_bytes
+from bench_lib.report import percentile
 
 _MARK = b"data:"
 _KEEP = len(_MARK) - 1
@@ -56,6 +59,13 @@ class Shared:
     #: Set once ``responded`` reaches ``batch_end``.
     batch_answered: asyncio.Event = field(default_factory=asyncio.Event)
     batch_end: int = 0
+    #: Streams that received at least one event.
+    first_events: int = 0
+    #: Set once ``first_events`` reaches ``target``.
+    all_first: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Inter-event gaps (s) are recorded while this is true.
+    recording: bool = False
+    gaps: array[float] = field(default_factory=lambda: array("d"))
 
     def note_response(self) -> None:
         self.responded += 1
@@ -64,7 +74,17 @@ class Shared:
 
 
 class Stream(asyncio.Protocol):
-    __slots__ = ("_head", "_request", "_shared", "_streaming", "_tail", "transport")
+    __slots__ = (
+        "_head",
+        "_last",
+        "_request",
+        "_shared",
+        "_streaming",
+        "_tail",
+        "closed",
+        "events",
+        "transport",
+    )
 
     def __init__(self, shared: Shared, request: bytes) -> None:
         self._shared = shared
@@ -72,6 +92,10 @@ class Stream(asyncio.Protocol):
         self._head: bytes | None = b""
         self._tail = b""
         self._streaming = False
+        #: When the last event arrived (monotonic s), 0 before the first.
+        self._last = 0.0
+        self.events = 0
+        self.closed = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,10 +127,25 @@ class Stream(asyncio.Protocol):
             if sh.streaming == sh.target:
                 sh.all_streaming.set()
         buf = self._tail + data
-        sh.events += buf.count(_MARK)
+        n = buf.count(_MARK)
         self._tail = buf[-_KEEP:]
+        if not n:
+            return
+        sh.events += n
+        now = time.monotonic()
+        if not self.events:
+            sh.first_events += 1
+            if sh.first_events == sh.target:
+                sh.all_first.set()
+        elif sh.recording:
+            sh.gaps.append(now - self._last)
+            for _ in range(n - 1):
+                sh.gaps.append(0.0)
+        self.events += n
+        self._last = now
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self._shared.closed += 1
         if not self._streaming and self._head is not None:
             self._head = None  # closed before a response head: counts as failed
@@ -129,14 +168,26 @@ def build_request(host: str, port: int, path: str, model: str, max_tokens: int) 
     ).encode() + body
 
 
-async def measure(ns: argparse.Namespace) -> dict[str, object]:
+async def open_streams(
+    shared: Shared,
+    request: bytes,
+    ns: argparse.Namespace,
+    *,
+    deadline: float = float("inf"),
+) -> tuple[list[Stream], int]:
+    """Open ``ns.streams`` streams in batches of ``ns.batch``; (streams, connect errors).
+
+    Each batch goes out once the previous one has its response heads, so no
+    listen backlog overflows however slow the server is to accept. Stops
+    opening at ``deadline`` (monotonic s); ``shared.target`` is then the
+    number of streams that did not fail.
+    """
     loop = asyncio.get_running_loop()
-    shared = Shared(target=ns.streams)
-    request = build_request(ns.host, ns.port, ns.path, ns.model, ns.max_tokens)
     streams: list[Stream] = []
     connect_errors = 0
-    t_open = time.monotonic()
     for start in range(0, ns.streams, ns.batch):
+        if time.monotonic() >= deadline:
+            break
         count = min(ns.batch, ns.streams - start)
         results = await asyncio.gather(
             *(
@@ -154,11 +205,38 @@ async def measure(ns: argparse.Namespace) -> dict[str, object]:
         shared.batch_end = len(streams)
         shared.batch_answered.clear()
         if shared.responded < shared.batch_end:
+            wait_s = min(ns.batch_timeout_s, max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(shared.batch_answered.wait(), ns.batch_timeout_s)
+                await asyncio.wait_for(shared.batch_answered.wait(), wait_s)
     shared.target = len(streams) - shared.failed
     if shared.streaming >= shared.target:
         shared.all_streaming.set()
+    if shared.first_events >= shared.target:
+        shared.all_first.set()
+    return streams, connect_errors
+
+
+def gap_stats(gaps: Sequence[float]) -> dict[str, float]:
+    """Percentiles of inter-event gaps, in ms."""
+    s = sorted(gaps)
+    if not s:
+        return {"n": 0}
+    return {
+        "n": len(s),
+        "p50_ms": percentile(s, 50) * 1e3,
+        "p90_ms": percentile(s, 90) * 1e3,
+        "p99_ms": percentile(s, 99) * 1e3,
+        "p999_ms": percentile(s, 99.9) * 1e3,
+        "max_ms": s[-1] * 1e3,
+        "zero_share": sum(1 for g in s if g == 0.0) / len(s),
+    }
+
+
+async def measure(ns: argparse.Namespace) -> dict[str, object]:
+    shared = Shared(target=ns.streams)
+    request = build_request(ns.host, ns.port, ns.path, ns.model, ns.max_tokens)
+    t_open = time.monotonic()
+    streams, connect_errors = await open_streams(shared, request, ns)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(shared.all_streaming.wait(), ns.ready_timeout_s)
     open_s = time.monotonic() - t_open
@@ -170,7 +248,9 @@ async def measure(ns: argparse.Namespace) -> dict[str, object]:
     cpu0 = cpu_seconds(ns.pids)
     up0 = cpu_seconds(ns.upstream_pids)
     me0 = self_cpu_seconds()
+    shared.recording = True
     await asyncio.sleep(ns.window_s)
+    shared.recording = False
     ev1 = shared.events
     t1 = time.monotonic()
     cpu1 = cpu_seconds(ns.pids)
@@ -179,9 +259,7 @@ async def measure(ns: argparse.Namespace) -> dict[str, object]:
     rss = rss_bytes(ns.pids)
     closed_in_window = shared.closed - closed0
 
-    for s in streams:
-        if s.transport is not None:
-            s.transport.close()
+    close_all(streams)
     await asyncio.sleep(0.2)
     window = t1 - t0
     events = ev1 - ev0
@@ -200,7 +278,14 @@ async def measure(ns: argparse.Namespace) -> dict[str, object]:
         "upstream_cpu_s": up1 - up0,
         "loadgen_cpu_s": me1 - me0,
         "target_rss_bytes": rss,
+        "gaps": gap_stats(shared.gaps),
     }
+
+
+def close_all(streams: list[Stream]) -> None:
+    for s in streams:
+        if s.transport is not None:
+            s.transport.close()
 
 
 def main() -> None:

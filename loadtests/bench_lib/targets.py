@@ -12,6 +12,7 @@ proxy is one more class with the same three members and one more entry in
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -128,10 +129,10 @@ NGINX_CONFIG = """\
 daemon off;
 master_process on;
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {nofile};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 16384; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
   client_body_temp_path {prefix}/tmp/body;
@@ -162,8 +163,29 @@ http {{
 """
 
 
+def nofile_limit() -> int:
+    """Open files a child may have: the hard limit, at most 65,536.
+
+    A stream through a proxy takes two (client and upstream connection), and
+    nginx counts both in ``worker_connections``; ``worker_rlimit_nofile`` above
+    the hard limit would only fail (raising it needs CAP_SYS_RESOURCE).
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+
+
 class Nginx:
+    """nginx, one worker; ``worker_connections`` counts client and upstream connections.
+
+    Sized by the benchmark (:func:`nginx_connections`) so that nginx is not
+    stopped by its own setting before the process runs out of descriptors;
+    every slot costs RSS from the start (~0.4 KiB).
+    """
+
     name = "nginx"
+
+    def __init__(self, worker_connections: int = 16384) -> None:
+        self.worker_connections = worker_connections
 
     def unavailable(self) -> str | None:
         if shutil.which("nginx") is None:
@@ -182,7 +204,11 @@ class Nginx:
         conf = prefix / "nginx.conf"
         conf.write_text(
             NGINX_CONFIG.format(
-                prefix=prefix, port=port, upstream=f"{upstream.host}:{upstream.port}"
+                prefix=prefix,
+                port=port,
+                upstream=f"{upstream.host}:{upstream.port}",
+                nofile=nofile_limit(),
+                connections=self.worker_connections,
             )
         )
         child = procs.start(
@@ -207,9 +233,21 @@ def nginx_version() -> str | None:
     return (r.stderr or r.stdout).strip().removeprefix("nginx version: ")
 
 
-def target_kinds(llmproxy_src: Path = REPO) -> dict[str, TargetKind]:
-    """Every target kind by name, in report order."""
-    return {k.name: k for k in (Direct(), Llmproxy(llmproxy_src), Nginx())}
+def nginx_connections(max_streams: int) -> int:
+    """``worker_connections`` for ``max_streams`` streams open at once (at least 16,384).
+
+    Two per stream and 1,024 spare; then 1/16 more, because once no more than
+    1/16 of the slots are free nginx closes accepted connections that have not
+    sent their request yet ("worker_connections are not enough, reusing
+    connections", ``ngx_drain_connections``): streams still opening would fail.
+    """
+    return max(16384, (2 * max_streams + 1024) * 16 // 15 + 1)
+
+
+def target_kinds(llmproxy_src: Path = REPO, max_streams: int = 0) -> dict[str, TargetKind]:
+    """Every target kind by name, in report order; ``max_streams`` open at once at most."""
+    nginx = Nginx(nginx_connections(max_streams))
+    return {k.name: k for k in (Direct(), Llmproxy(llmproxy_src), nginx)}
 
 
 NAMES = tuple(target_kinds())
