@@ -147,7 +147,6 @@ class AttemptRunner:
             ex.status = status
             verdict = status < 500
             m = self._metrics
-            m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
             if upstream.complete and first and upstream.content_length == len(first):
                 # The whole (small, non-streamed) body came in one read: answer
                 # with one write instead of headers, body and end separately.
@@ -157,6 +156,16 @@ class AttemptRunner:
                 self.finish_headers(whole, ex)
                 ex.outcome = "ok" if verdict else "upstream_error"
                 ex.bytes_sent = len(first)
+                # Sent here, not by aiohttp once the handler returns: the
+                # bookkeeping that follows (metrics, hooks, access log) then
+                # runs after the client has its answer, off its latency.
+                resp = whole
+                try:
+                    await whole.prepare(request)
+                    await whole.write_eof()
+                except ConnectionError as exc:
+                    raise _ClientGone from exc
+                m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
                 usage = find_usage(first[-4096:])
                 if usage is not None:
                     ex.prompt_tokens, ex.completion_tokens = usage
@@ -166,6 +175,7 @@ class AttemptRunner:
             )
             self.finish_headers(resp, ex)
             await resp.prepare(request)
+            m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
             is_sse = ex.stream = upstream.content_type == "text/event-stream"
             if is_sse:
                 stream_span = ex.span.start_stream()
