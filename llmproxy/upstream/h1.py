@@ -95,7 +95,9 @@ class Response:
         cl = headers.get("Content-Length")
         self.content_length = int(cl) if cl is not None and cl.isdigit() else None
         self._conn = conn
-        self._chunks: deque[bytes] = deque()
+        #: A list, not a deque: an idle stream holds one, and a deque's first
+        #: block alone is ~600 bytes.
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._done = False
         self._error: UpstreamError | None = None
@@ -122,11 +124,9 @@ class Response:
         """
         while True:
             if self._chunks:
-                if len(self._chunks) == 1:
-                    data = self._chunks.popleft()
-                else:
-                    data = b"".join(self._chunks)
-                    self._chunks.clear()
+                chunks = self._chunks
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
                 self._buffered = 0
                 self._conn.resume()
                 return data
@@ -152,7 +152,7 @@ class Response:
             size += len(data)
         body = b"".join(parts)
         if 0 <= limit < len(body):
-            self._chunks.appendleft(body[limit:])
+            self._chunks.insert(0, body[limit:])
             self._buffered = len(body) - limit
             body = body[:limit]
         return body
