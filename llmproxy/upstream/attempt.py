@@ -141,7 +141,11 @@ class AttemptRunner:
                 self._count_error(pool, backend, exc.kind)
                 raise
 
-            # Commit point: from here on the client sees what happens.
+            # Commit point: from here on the client sees what happens. No
+            # retry can follow, so the request headers need not live as long
+            # as the stream.
+            ex.upstream_headers = None
+            del headers
             wd.last = now = loop.time()
             ex.ttfb_s = ttfb = now - ex.started
             ex.status = status

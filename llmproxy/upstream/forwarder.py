@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from llmproxy.balancing.base import PickContext
 from llmproxy.config.schema import RouteConfig, SplitTarget
@@ -167,27 +168,32 @@ class Forwarder:
 
     # -- routing and retries -----------------------------------------------------
 
-    async def _forward(self, ex: Exchange, parsed: ParsedRequest) -> web.StreamResponse:
+    def _upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         request = ex.request
-        runtime = parsed.runtime
-        route = parsed.route
-        ex.route = route.name
-        ex.body = parsed.body or None
         headers = upstream_request_headers(
             request.headers,
             client_ip=request.remote,
             scheme=request.scheme,
             request_id=ex.request_id,
         )
-        gate = await self.gate.check(ex, parsed)
-        ex.response_headers, ex.ticket, ex.strip_usage = gate.headers, gate.ticket, gate.strip_usage
         # The client's own key never goes upstream when the gateway checks keys.
         if self.gate.auth_enabled:
             headers.popall("Authorization", None)
         ex.client_authorization = headers.get("Authorization")
         headers.popall(POOL_HEADER, None)
         headers.popall(ADMIN_TOKEN_HEADER, None)
-        ex.upstream_headers = headers
+        return headers
+
+    async def _forward(self, ex: Exchange, parsed: ParsedRequest) -> web.StreamResponse:
+        request = ex.request
+        runtime = parsed.runtime
+        route = parsed.route
+        ex.route = route.name
+        ex.body = parsed.body or None
+        gate = await self.gate.check(ex, parsed)
+        ex.response_headers, ex.ticket, ex.strip_usage = gate.headers, gate.ticket, gate.strip_usage
+        # Held by the exchange only (no local here): dropped at the commit point.
+        ex.upstream_headers = self._upstream_headers(ex)
         key = sticky_key(route, request.headers, parsed.api_key, ex.client_ip)
         target = gate.target_pool
         names = [target] if target is not None else self._pool_order(route, key)

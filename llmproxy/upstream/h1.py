@@ -200,6 +200,26 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; at most one request on it at a time."""
 
+    # Slots: an open stream holds one, and an instance dict is ~400 bytes more.
+    __slots__ = (
+        "_head",
+        "_head_bytes",
+        "_head_only",
+        "_headers",
+        "_keep_alive",
+        "_parser",
+        "_paused",
+        "_pool",
+        "_received",
+        "_response",
+        "_status",
+        "closed",
+        "idle_since",
+        "loop",
+        "reused",
+        "transport",
+    )
+
     def __init__(self, pool: _OriginPool) -> None:
         self._pool = pool
         self.loop = pool.loop
