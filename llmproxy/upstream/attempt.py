@@ -186,7 +186,7 @@ class AttemptRunner:
             ex.outcome = "ok" if verdict else "upstream_error"
             gaps = m.child(m.inter_chunk, ex.route, ex.pool) if is_sse else None
             try:
-                tail = await _relay(upstream, resp, first, wd, ex=ex, gaps=gaps)
+                tail = await _relay(upstream, request, resp, first, wd, ex=ex, gaps=gaps)
             except asyncio.CancelledError:
                 if wd.absorb():
                     verdict = False
@@ -303,6 +303,7 @@ class AttemptRunner:
 
 async def _relay(
     upstream: Response,
+    request: web.Request,
     resp: web.StreamResponse,
     first: bytes,
     wd: Watchdog,
@@ -310,7 +311,14 @@ async def _relay(
     ex: Exchange,
     gaps: Histogram | None,
 ) -> bytes:
-    """Copy the body chunk by chunk, as it arrives; no buffering.
+    """Copy the body to the client as it arrives; no buffering.
+
+    The first chunk goes through aiohttp, which sends the response head with
+    it. The rest is spliced: the upstream connection hands each read to
+    ``sink`` as it is parsed, and ``sink`` writes it to the client's transport
+    in the framing aiohttp chose for the response. No task wakes per chunk;
+    when the client reads slower than the replica writes, reading the replica
+    pauses until the client's buffer drains.
 
     Returns the last bytes relayed (where ``usage`` is); counts chunks and
     bytes into ``ex``; observes the gap between chunks of a stream into
@@ -319,34 +327,59 @@ async def _relay(
     if not first:
         return b""
     loop = asyncio.get_running_loop()
-    read = upstream.read_any
-    write = resp.write
     strip = ex.strip_usage
     carry = b""  # with strip: the incomplete SSE event held until it ends
     sent = chunks = 0
     prev, last = b"", b""
     then = wd.last or loop.time()
-    chunk = first
+
+    def whole_events(data: bytes) -> bytes:
+        nonlocal carry
+        data, carry = _whole_events(carry + data)
+        if b'"usage"' in data:
+            data, usage = strip_usage_events(data)
+            if usage is not None:
+                ex.prompt_tokens, ex.completion_tokens = usage
+        return data
+
     try:
-        while chunk:
-            if strip:
-                chunk, carry = _whole_events(carry + chunk)
-                if b'"usage"' in chunk:
-                    chunk, usage = strip_usage_events(chunk)
-                    if usage is not None:
-                        ex.prompt_tokens, ex.completion_tokens = usage
-            if chunk:
-                await write(chunk)
-                sent += len(chunk)
-                chunks += 1
-                prev, last = last, chunk
-            chunk = await read()
+        data = whole_events(first) if strip else first
+        # Even empty: the head must be on the wire before the sink writes.
+        await resp.write(data)
+        if data:
+            sent, chunks, last = len(data), 1, data
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client left")
+        chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        high = transport.get_write_buffer_limits()[1]
+
+        def sink(data: bytes) -> bool:
+            nonlocal then, sent, chunks, prev, last
             now = loop.time()
-            if gaps is not None and chunk:
+            if gaps is not None:
                 gaps.observe(now - then)
             wd.last = then = now
+            if strip:
+                data = whole_events(data)
+                if not data:
+                    return True
+            if transport.is_closing():
+                return False  # splice() then drains, which raises
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            sent += len(data)
+            chunks += 1
+            prev, last = last, data
+            return transport.get_write_buffer_size() <= high
+
+        async def drain() -> None:
+            if _client_gone(request):
+                raise ConnectionResetError("the client left")
+            await request.writer.drain()
+
+        await upstream.splice(sink, drain)
         if carry:  # the stream ended inside an event: pass on what came
-            await write(carry)
+            await resp.write(carry)
             sent += len(carry)
     finally:
         ex.bytes_sent, ex.chunks = sent, chunks
