@@ -7,13 +7,15 @@ never from raw user input, so cardinality stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 import llmproxy
 
@@ -30,7 +32,6 @@ GAP_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-_Labelled = Counter | Gauge | Histogram
 
 #: Label value used when no backend or route was involved.
 NONE = "none"
@@ -47,14 +48,14 @@ class Metrics:
             ("route", "pool", "backend", "code"),
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "llmproxy_request_duration_seconds",
             "Time from receiving the request to the end of the response.",
             ("route", "pool"),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = LoopHistogram(
             "llmproxy_time_to_first_byte_seconds",
             "Time from receiving the request to the first byte of the response body"
             " (time to first token for streams).",
@@ -62,7 +63,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inter_chunk = Histogram(
+        self.inter_chunk = LoopHistogram(
             "llmproxy_inter_token_seconds",
             "Gap between two relayed chunks of a streamed response (inter-token latency).",
             ("route", "pool"),
@@ -193,6 +194,78 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopHistogram(Collector):
+    """A labelled histogram observed only from the event loop's thread.
+
+    prometheus-client's ``Histogram`` takes one lock for the sum and another
+    for the bucket and walks the bounds in Python: about 0.7 µs an
+    observation here, paid for every relayed SSE event. This one bisects and
+    adds without a lock (about 0.13 µs). The scrape runs on the same loop, so
+    it never sees half an observation. Exposed as prometheus-client's
+    ``HistogramMetricFamily``: the same ``_bucket``/``_count``/``_sum`` series.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        go_string = cast(Callable[[float], str], floatToGoString)  # untyped upstream
+        self._les = [go_string(b) for b in self._bounds] + ["+Inf"]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
+        found = self._children.get(values)
+        if found is None:
+            found = self._children[values] = HistogramChild(self._bounds)
+        return found
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            total = 0
+            cumulative = []
+            for le, n in zip(self._les, child.counts, strict=True):
+                total += n
+                cumulative.append((le, float(total)))
+            family.add_metric(list(values), cumulative, child.sum)
+        yield family
+
+
+class HistogramChild:
+    """One labelled series of a :class:`LoopHistogram`."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        #: Per bucket, not cumulative; the last one is ``+Inf``.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # bisect_left: the first bound >= amount, as ``le`` (less or equal) means.
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+_Labelled = Counter | Gauge | LoopHistogram
 
 
 class _BackendCollector(Collector):

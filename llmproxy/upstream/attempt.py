@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import Histogram
 
 from llmproxy.errors import NoEligibleBackend, sse_error_event
-from llmproxy.observability.metrics import NONE, Metrics
+from llmproxy.observability.metrics import NONE, HistogramChild, Metrics
 from llmproxy.observability.tracing import StreamSpan
 from llmproxy.pool.backend import Backend
 from llmproxy.pool.pool import Pool
@@ -309,7 +308,7 @@ async def _relay(
     wd: Watchdog,
     *,
     ex: Exchange,
-    gaps: Histogram | None,
+    gaps: HistogramChild | None,
 ) -> bytes:
     """Copy the body to the client as it arrives; no buffering.
 
