@@ -6,7 +6,11 @@ formatting, no serialisation, no I/O and no lock on the event loop, so a slow
 disk or a blocked stdout pipe can never stall a stream. A writer thread wakes
 every ``flush_interval_s`` (or at :meth:`AccessLog.stop`), turns the waiting
 entries into JSON lines (timestamps formatted there too) and writes them in one
-``write`` + ``flush`` per batch.
+``write`` + ``flush`` per batch. Formatting holds the GIL, so the event loop
+waits while a batch is formatted: lines are built by one f-string each (half
+the time of ``json.dumps`` of a dict, byte for byte the same text) and the
+default interval is short, which keeps each wait to a fraction of a
+millisecond.
 
 Memory is bounded: at most ``max_pending`` entries wait (queued or being
 written). Past that, :meth:`~AccessLog.record` refuses the entry and counts it
@@ -30,13 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 from llmproxy.config.schema import AccessLogConfig as AccessLogConfig  # noqa: PLC0414 - re-export
 
@@ -234,31 +239,28 @@ class AccessLog:
             self._done += len(entries)
 
     def _format(self, e: AccessEntry) -> str:
-        record: dict[str, Any] = {
-            "time": self._clock_text(e.time),
-            "request_id": e.request_id,
-            "method": e.method,
-            "path": e.path.partition("?")[0][:_PATH_MAX],
-            "route": e.route,
-            "pool": e.pool,
-            "backend": e.backend,
-            "attempts": e.attempts,
-            "status": e.status,
-            "ttfb_ms": None if e.ttfb_ms is None else round(e.ttfb_ms, 3),
-            "duration_ms": round(e.duration_ms, 3),
-            "bytes_sent": e.bytes_sent,
-            "prompt_tokens": e.prompt_tokens,
-            "completion_tokens": e.completion_tokens,
-            "client_ip": e.client_ip,
-            "api_key_name": e.api_key_name,
-            "stream": e.stream,
-            "outcome": e.outcome,
-            "error": None if e.error is None else e.error[:_ERROR_MAX],
-            "trace_id": e.trace_id,
-        }
+        """One JSON line; what ``json.dumps`` of the fields as a dict (in this
+        order, compact separators) gives, in under half its time: the writer
+        holds the GIL while it formats, so a long batch is time the event loop
+        waits (tests compare the two on awkward values)."""
+        error = e.error
+        line = (
+            f'{{"time":"{self._clock_text(e.time)}","request_id":{_jstr(e.request_id)}'
+            f',"method":{_jstr(e.method)},"path":{_jstr(e.path.partition("?")[0][:_PATH_MAX])}'
+            f',"route":{_jstr(e.route)},"pool":{_jstr(e.pool)},"backend":{_jstr(e.backend)}'
+            f',"attempts":{_jnum(e.attempts)},"status":{_jnum(e.status)}'
+            f',"ttfb_ms":{_jnum(None if e.ttfb_ms is None else round(e.ttfb_ms, 3))}'
+            f',"duration_ms":{_jnum(round(e.duration_ms, 3))},"bytes_sent":{_jnum(e.bytes_sent)}'
+            f',"prompt_tokens":{_jnum(e.prompt_tokens)}'
+            f',"completion_tokens":{_jnum(e.completion_tokens)}'
+            f',"client_ip":{_jstr(e.client_ip)},"api_key_name":{_jstr(e.api_key_name)}'
+            f',"stream":{_jnum(e.stream)},"outcome":{_jstr(e.outcome)}'
+            f',"error":{_jstr(None if error is None else error[:_ERROR_MAX])}'
+            f',"trace_id":{_jstr(e.trace_id)}'
+        )
         if self._cfg.log_prompts and e.prompt is not None:
-            record["prompt"] = e.prompt[: self._cfg.prompt_max_chars]
-        return _ENCODER.encode(record) + "\n"
+            line += f',"prompt":{_jstr(e.prompt[: self._cfg.prompt_max_chars])}'
+        return line + "}\n"
 
     def _clock_text(self, epoch_s: float) -> str:
         """``2024-05-01T12:00:00.123Z``; the date and time to the second are
@@ -313,5 +315,28 @@ class _Writer:
             log.warning("access log: closing the sink failed", exc_info=True)
 
 
-#: One encoder for every line (json.dumps with options builds one per call).
+#: For values of a type a field should not have: as ``json.dumps`` would.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+#: The json module's own string escaper (its C one where built), as its
+#: encoder uses by default (``ensure_ascii``).
+_escape = json.encoder.encode_basestring_ascii
+
+
+def _jstr(value: object) -> str:
+    if type(value) is str:
+        return _escape(value)
+    return "null" if value is None else _ENCODER.encode(value)
+
+
+def _jnum(value: object) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)  # what json does for ints and their subclasses
+    if isinstance(value, float) and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENCODER.encode(value)  # nan, infinity, anything else

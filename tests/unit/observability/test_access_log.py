@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import re
 import threading
 import time
@@ -179,6 +180,83 @@ def test_a_line_has_every_field_and_is_json(
     }
     assert (second["request_id"], second["ttfb_ms"], second["stream"]) == ("req-2", None, False)
     assert second["outcome"] in OUTCOMES
+
+
+#: Strings a line must escape the way json.dumps does.
+AWKWARD = [
+    "",
+    'quote " and backslash \\',
+    "tab\tnewline\ncarriage\rnul\x00bell\x07del\x7f",
+    "naïve café ☕ 日本語 😀 \u2028\u2029",
+    "lone surrogate \ud800 end",
+    "</script><!-- &amp;",
+    "x" * 3000,
+]
+
+
+def reference_line(log: AccessLog, e: AccessEntry, log_prompts: bool) -> str:
+    """The line as json.dumps of a dict would give it (the earlier formatter)."""
+    record: dict[str, Any] = {
+        "time": log._clock_text(e.time),
+        "request_id": e.request_id,
+        "method": e.method,
+        "path": e.path.partition("?")[0][:2048],
+        "route": e.route,
+        "pool": e.pool,
+        "backend": e.backend,
+        "attempts": e.attempts,
+        "status": e.status,
+        "ttfb_ms": None if e.ttfb_ms is None else round(e.ttfb_ms, 3),
+        "duration_ms": round(e.duration_ms, 3),
+        "bytes_sent": e.bytes_sent,
+        "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "client_ip": e.client_ip,
+        "api_key_name": e.api_key_name,
+        "stream": e.stream,
+        "outcome": e.outcome,
+        "error": None if e.error is None else e.error[:500],
+        "trace_id": e.trace_id,
+    }
+    if log_prompts and e.prompt is not None:
+        record["prompt"] = e.prompt[:200]
+    return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_a_line_is_what_json_dumps_gives(log_prompts: bool) -> None:
+    rng = random.Random(11)
+    log = AccessLog(AccessLogConfig(log_prompts=log_prompts))
+
+    def text() -> str | None:
+        return rng.choice([None, *AWKWARD])
+
+    numbers: list[Any] = [None, 0, 1, -1, 2**70, 0.1, 1e-7, 1e22, 123.4567, float("nan"), True]
+    for _ in range(2000):
+        e = entry(
+            time=T0 + rng.uniform(0, 5),
+            request_id=rng.choice(AWKWARD),
+            method=rng.choice(["GET", "POST", "DELETE"]),
+            path=rng.choice(AWKWARD) + rng.choice(["", "?api_key=secret"]),
+            route=text(),
+            pool=text(),
+            backend=text(),
+            attempts=rng.choice([0, 1, 3]),
+            status=rng.choice([200, 499, 503]),
+            ttfb_ms=rng.choice(numbers),
+            duration_ms=rng.choice([0.0, 1.23456, 4567.8912, float("inf"), 7]),
+            bytes_sent=rng.choice([0, 2048, 2**40]),
+            prompt_tokens=rng.choice(numbers),
+            completion_tokens=rng.choice(numbers),
+            client_ip=text(),
+            api_key_name=text(),
+            stream=rng.choice([True, False]),
+            outcome=rng.choice(OUTCOMES),
+            error=text(),
+            prompt=text(),
+            trace_id=rng.choice([None, "0af7651916cd43dd8448eb211c80319c"]),
+        )
+        assert log._format(e) == reference_line(log, e, log_prompts), e
 
 
 def test_time_is_iso8601_utc_with_milliseconds(
