@@ -311,8 +311,9 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._head_only = False  # a HEAD request: the response has no body
         self._status = b""
-        #: The head being parsed; None once it is handed to the Response.
-        self._headers: CIMultiDict[str] | None = CIMultiDict()
+        #: The head being parsed (a new one per request, from send()); None
+        #: once it is handed to the Response.
+        self._headers: CIMultiDict[str] | None = None
         self._head_bytes = 0
         self._received = 0  # bytes received for the request in flight
         self._keep_alive = False
