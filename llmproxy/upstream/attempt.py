@@ -26,7 +26,7 @@ from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.h1 import H1Client, Response, UpstreamError
 from llmproxy.upstream.headers import client_response_headers
 from llmproxy.upstream.usage import find_usage, strip_usage_events
-from llmproxy.upstream.watchdog import Expiry, Watchdog
+from llmproxy.upstream.watchdog import Expiry, Timers, Watchdog
 
 log = logging.getLogger("llmproxy.upstream")
 
@@ -72,6 +72,8 @@ class AttemptRunner:
         self._client = client
         self._metrics = metrics
         self._on_attempt = tuple(on_attempt)
+        #: The watchdogs' shared timers, made on the loop of the first request.
+        self._timers: Timers | None = None
 
     async def run(
         self, ex: Exchange, pool: Pool, backend: Backend, *, permit: bool
@@ -79,7 +81,12 @@ class AttemptRunner:
         request = ex.request
         timeouts = pool.config.timeouts
         loop = asyncio.get_running_loop()
-        wd = Watchdog(timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
+        timers = self._timers
+        if timers is None or timers.loop is not loop:
+            timers = self._timers = Timers(loop)
+        task = asyncio.current_task()
+        assert task is not None, "an attempt runs inside a task"
+        wd = Watchdog(timers, task, timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
         backend.in_flight += 1
         upstream: Response | None = None
         resp: web.StreamResponse | None = None
@@ -185,8 +192,14 @@ class AttemptRunner:
                 stream_span = ex.span.start_stream()
             ex.outcome = "ok" if verdict else "upstream_error"
             gaps = m.child(m.inter_chunk, ex.route, ex.pool) if is_sse else None
+            # The relay is awaited from here, not from a coroutine of its own:
+            # an open stream holds one frame less.
+            relay = _Splice(request, wd, ex, gaps)
             try:
-                tail = await _relay(upstream, request, resp, first, wd, ex=ex, gaps=gaps)
+                if first:
+                    await relay.begin(resp, first)
+                    await upstream.splice(relay.sink, relay.drain)
+                    await relay.end(resp)
             except asyncio.CancelledError:
                 if wd.absorb():
                     verdict = False
@@ -220,7 +233,7 @@ class AttemptRunner:
                 )
             else:
                 await resp.write_eof()
-                usage = find_usage(tail)
+                usage = find_usage(relay.tail())
                 if usage is not None:
                     ex.prompt_tokens, ex.completion_tokens = usage
             return resp
@@ -301,61 +314,26 @@ class AttemptRunner:
         h["x-llmproxy-attempts"] = str(ex.attempts)
 
 
-async def _relay(
-    upstream: Response,
-    request: web.Request,
-    resp: web.StreamResponse,
-    first: bytes,
-    wd: Watchdog,
-    *,
-    ex: Exchange,
-    gaps: HistogramChild | None,
-) -> bytes:
-    """Copy the body to the client as it arrives; no buffering.
+class _Splice:
+    """Copies a body to the client as it arrives; no buffering.
 
-    The first chunk goes through aiohttp, which sends the response head with
-    it. The rest is spliced: the upstream connection hands each read to
-    :meth:`_Splice.sink` as it is parsed, which writes it to the client's
+    The first chunk goes through aiohttp (:meth:`begin`), which sends the
+    response head with it. The rest is spliced: the upstream connection hands
+    each read to :meth:`sink` as it is parsed, which writes it to the client's
     transport in the framing aiohttp chose for the response. No task wakes
     per chunk; when the client reads slower than the replica writes, reading
-    the replica pauses until the client's buffer drains.
+    the replica pauses until the client's buffer drains (:meth:`drain`).
 
-    Returns the last bytes relayed (where ``usage`` is); counts chunks and
-    bytes into ``ex``; observes the gap between chunks of a stream into
-    ``gaps``; hides the usage event the gateway asked for (``ex.strip_usage``).
+    Counts chunks and bytes into the exchange; observes the gap between
+    chunks of a stream into ``gaps``; hides the usage event the gateway asked
+    for (``ex.strip_usage``); keeps the last bytes relayed, where ``usage``
+    is (:meth:`tail`). An object with slots rather than a closure's cells, as
+    an open stream holds it.
     """
-    if not first:
-        return b""
-    relay = _Splice(request, wd, ex, gaps)
-    try:
-        data = relay.whole_events(first) if relay.strip else first
-        # Even empty: the head must be on the wire before the sink writes.
-        await resp.write(data)
-        if data:
-            relay.sent, relay.chunks, relay.last = len(data), 1, data
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("the client left")
-        relay.transport = transport
-        relay.chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        relay.high = transport.get_write_buffer_limits()[1]
-        await upstream.splice(relay.sink, relay.drain)
-        if relay.carry:  # the stream ended inside an event: pass on what came
-            await resp.write(relay.carry)
-            relay.sent += len(relay.carry)
-    finally:
-        ex.bytes_sent, ex.chunks = relay.sent, relay.chunks
-    return relay.prev[-1024:] + relay.last[-4096:]
-
-
-class _Splice:
-    """The state of one spliced body: an object with slots rather than a
-    closure's cells, as an open stream holds it (about 0.7 KB less)."""
 
     __slots__ = (
         "carry",
         "chunked",
-        "chunks",
         "ex",
         "gaps",
         "high",
@@ -363,7 +341,6 @@ class _Splice:
         "loop",
         "prev",
         "request",
-        "sent",
         "strip",
         "then",
         "transport",
@@ -383,9 +360,34 @@ class _Splice:
         self.gaps = gaps
         self.strip = ex.strip_usage
         self.carry = b""  # with strip: the incomplete SSE event held until it ends
-        self.sent = self.chunks = 0
         self.prev = self.last = b""
         self.then = wd.last or self.loop.time()
+
+    async def begin(self, resp: web.StreamResponse, first: bytes) -> None:
+        """Send the head with the first chunk; the sink takes over from here."""
+        data = self.whole_events(first) if self.strip else first
+        # Even empty: the head must be on the wire before the sink writes.
+        await resp.write(data)
+        if data:
+            self.ex.bytes_sent, self.ex.chunks, self.last = len(data), 1, data
+        transport = self.request.transport
+        if transport is None:
+            raise ConnectionResetError("the client left")
+        self.transport = transport
+        self.chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        # The head is on the wire: its map (and the upstream's header strings
+        # in it) need not live as long as the stream. aiohttp reads it only
+        # while preparing the response.
+        resp.headers.clear()
+        self.high = transport.get_write_buffer_limits()[1]
+
+    async def end(self, resp: web.StreamResponse) -> None:
+        if self.carry:  # the stream ended inside an event: pass on what came
+            await resp.write(self.carry)
+            self.ex.bytes_sent += len(self.carry)
+
+    def tail(self) -> bytes:
+        return self.prev[-1024:] + self.last[-4096:]
 
     def whole_events(self, data: bytes) -> bytes:
         data, self.carry = _whole_events(self.carry + data)
@@ -409,8 +411,9 @@ class _Splice:
         if transport.is_closing():
             return False  # splice() then drains, which raises
         transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        self.sent += len(data)
-        self.chunks += 1
+        ex = self.ex
+        ex.bytes_sent += len(data)
+        ex.chunks += 1
         self.prev, self.last = self.last, data
         return transport.get_write_buffer_size() <= self.high
 

@@ -17,7 +17,8 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -233,7 +234,9 @@ class Forwarder:
             error = exc
         return self._give_up(ex, plan, error)
 
-    async def _one(self, ex: Exchange, plan: Plan) -> web.StreamResponse:
+    def _one(self, ex: Exchange, plan: Plan) -> Coroutine[Any, Any, web.StreamResponse]:
+        """Pick the next backend and start an attempt on it (a coroutine to
+        await, not one of its own: an open stream then holds one frame less)."""
         picked = plan.next()
         if picked is None:
             if ex.attempts == 0:
@@ -248,7 +251,7 @@ class Forwarder:
         ex.pool = pool.name
         ex.backend = backend.name
         ex.attempts += 1
-        return await self._attempt.run(ex, pool, backend, permit=permit)
+        return self._attempt.run(ex, pool, backend, permit=permit)
 
     def _pool_order(self, route: RouteConfig, key: str | None) -> list[str]:
         """The split's choice first; then the route's other pools that carry
