@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from llmproxy.upstream.watchdog import RESOLUTION_S, Expiry, Timers, Watchdog
+import pytest
+
+from llmproxy.upstream.watchdog import Expiry, Timers, Watchdog
 
 
 class _Handle:
@@ -70,15 +72,29 @@ def _make(
     return timers, wd, task
 
 
-def test_no_first_byte_expires_within_one_slot() -> None:
+def test_no_first_byte_expires_within_a_tenth_of_the_timeout() -> None:
     loop = _FakeLoop()
     _, wd, task = _make(loop, first_byte_s=5)
     loop.advance(1004.999)
     assert task.cancels == 0
-    loop.advance(1005 + RESOLUTION_S)
+    loop.advance(1005.1)  # 5 s away: a 100 ms slot
     assert (task.cancels, wd.expired) == (1, Expiry.FIRST_BYTE)
     assert wd.absorb()
     assert task.cancels == 0
+
+
+@pytest.mark.parametrize(
+    ("ahead_s", "late_at_most_s"), [(0.05, 0.01), (0.5, 0.01), (3, 0.1), (60, 1), (3600, 1)]
+)
+def test_a_deadline_fires_late_by_at_most_its_slot(ahead_s: float, late_at_most_s: float) -> None:
+    loop = _FakeLoop()
+    for start in (1000.0, 1000.0004, 1000.0123, 1000.5):
+        loop.now = start
+        _, wd, task = _make(loop, first_byte_s=ahead_s, total_s=7200)
+        (handle,) = [h for h in loop.pending() if h.callback.__self__ is wd._timers]
+        assert start + ahead_s <= handle.when <= start + ahead_s + late_at_most_s + 1e-9
+        loop.advance(handle.when)
+        assert task.cancels == 1
 
 
 def test_progress_defers_the_idle_timeout() -> None:
@@ -93,10 +109,11 @@ def test_progress_defers_the_idle_timeout() -> None:
     wd.last = loop.now  # another chunk
     loop.advance(1007.9)
     assert task.cancels == 0
-    loop.advance(1008 + RESOLUTION_S)
+    loop.advance(1008.1)
     assert wd.expired is Expiry.IDLE
     assert task.cancels == 1
     assert len(timers) == 0
+    assert timers.pending_slots() == 0
     assert loop.pending() == []
 
 
@@ -106,41 +123,40 @@ def test_total_deadline_wins_over_progress() -> None:
     for t in range(1001, 1008):
         loop.advance(t - 0.5)
         wd.last = loop.now
-    loop.advance(1007 + RESOLUTION_S)
+    loop.advance(1007.1)
     assert wd.expired is Expiry.TOTAL
     assert task.cancels == 1
 
 
-def test_watchdogs_in_one_slot_share_one_timer() -> None:
+def test_requests_share_slot_timers_and_stopped_ones_never_fire() -> None:
     loop = _FakeLoop()
     timers = Timers(cast(asyncio.AbstractEventLoop, loop))
-    tasks = [_FakeTask() for _ in range(50)]
+    tasks = [_FakeTask() for _ in range(500)]
     dogs = []
     for i, task in enumerate(tasks):
-        loop.now = 1000 + i * RESOLUTION_S / 100  # 50 requests inside one slot
-        dogs.append(Watchdog(timers, cast("asyncio.Task[object]", task), 5, 2, 60))
-    assert len(timers) == 50
-    assert len(loop.pending()) <= 2
-    for wd in dogs[:49]:
+        loop.now = 1000 + i * 0.002  # 500 requests in one second, 60 s first-byte timeout
+        dogs.append(Watchdog(timers, cast("asyncio.Task[object]", task), 60, 2, 600))
+    assert len(timers) == 500
+    assert len(loop.pending()) <= 2  # one timer per 1 s slot, not one per request
+    for wd in dogs[:499]:
         wd.stop()
+        wd.stop()  # idempotent
     assert len(timers) == 1
-    assert len(loop.pending()) == 1
-    dogs[49].stop()
-    # The last one out cancels the shared timer: nothing fires, nothing is held.
-    assert len(timers) == 0
+    loop.advance(1100)
+    # Only the one still waiting expired; the slots' timers fired and are gone.
+    assert [t.cancels for t in tasks] == [0] * 499 + [1]
+    assert timers.pending_slots() == 0
     assert loop.pending() == []
-    loop.advance(1100)
-    assert all(t.cancels == 0 for t in tasks)
 
 
-def test_stop_is_idempotent_and_a_stopped_watchdog_never_fires() -> None:
+def test_steady_traffic_keeps_a_bounded_number_of_slots() -> None:
     loop = _FakeLoop()
-    timers, wd, task = _make(loop)
-    other_task = _FakeTask()
-    Watchdog(timers, cast("asyncio.Task[object]", other_task), 5, 2, 60)
-    wd.stop()
-    wd.stop()
-    loop.advance(1100)
-    assert task.cancels == 0
-    assert not wd.absorb()
-    assert other_task.cancels == 1
+    timers = Timers(cast(asyncio.AbstractEventLoop, loop))
+    task = cast("asyncio.Task[object]", _FakeTask())
+    for _ in range(20_000):  # one request at a time, 2 ms each, for 40 s
+        wd = Watchdog(timers, task, 60, 60, 3600)
+        loop.advance(loop.now + 0.002)
+        wd.stop()
+    # A timer per second of the 60 s first-byte window, not one per request.
+    assert timers.pending_slots() <= 61
+    assert len(loop.handles) <= 61
