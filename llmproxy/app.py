@@ -1,8 +1,10 @@
 """The composition root: builds the gateway's apps from a :class:`Config`.
 
 Nothing else in the package constructs long-lived components; they receive
-what they need from here. App state goes through ``web.AppKey`` and every
-resource that needs the event loop is opened and closed in ``cleanup_ctx``.
+what they need from here. The main listener is aiohttp's low-level server
+(:func:`build_server`), run by :class:`GatewayRunner`, which opens and closes
+everything that needs the event loop; the admin API is an ``Application``
+whose state goes through ``web.AppKey``.
 """
 
 from __future__ import annotations
@@ -11,56 +13,123 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from llmproxy.admin.api import build_admin_app
 from llmproxy.config.schema import Config
+from llmproxy.errors import ExpectationFailed, proxy_error_response
 from llmproxy.gateway import Gateway
-from llmproxy.keys import GATEWAY
 
 log = logging.getLogger(__name__)
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+def build_server(gateway: Gateway) -> web.Server:
+    """The main listener: aiohttp's low-level server with one handler.
 
+    No ``Application``: its router, match info and request copy cost about
+    10 µs a request (5% of what a small request costs the gateway), and the
+    listener routes nothing but two probes. No middleware either:
+    ``Gateway.proxy`` is the isolation boundary of the hot path, and the
+    probes cannot fail.
+    """
+    max_body = gateway.config.server.max_body_bytes
+    loop = asyncio.get_running_loop()  # as web.Server itself needs
 
-async def _readyz(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    if gw.ready:
-        return web.json_response({"status": "ready"})
-    why = "draining" if gw.draining else "no route has a healthy backend"
-    return web.json_response({"status": "not ready", "reason": why}, status=503)
+    def request_factory(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=max_body
+        )
 
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.raw_path.startswith(("/healthz", "/readyz")):
+            probe = _probe(gateway, request.path)
+            if probe is not None:
+                return probe
+        if "Expect" in request.headers:
+            refused = await _expect(request)
+            if refused is not None:
+                return refused
+        return await gateway.proxy(request)
 
-def build_app(gateway: Gateway) -> web.Application:
-    # No middleware: Gateway.proxy is the isolation boundary of the hot path,
-    # and the probes cannot fail.
-    app = web.Application(
-        client_max_size=gateway.config.server.max_body_bytes,
-        handler_args={"max_field_size": 65536},
+    return web.Server(
+        handle,
+        request_factory=request_factory,
+        handler_cancellation=True,  # a client that leaves cancels its upstream request
+        access_log=None,
+        max_field_size=65536,
     )
-    app[GATEWAY] = gateway
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await gateway.start()
-        yield
-        await gateway.close()
 
-    async def drain(app: web.Application) -> None:
-        # aiohttp has stopped accepting connections; give in-flight requests
-        # their drain timeout before it cancels what is left.
-        await gateway.drain_requests(gateway.config.server.drain_timeout_s)
+def _probe(gateway: Gateway, path: str) -> web.Response | None:
+    if path == "/healthz":
+        return web.json_response({"status": "ok"})
+    if path == "/readyz":
+        if gateway.ready:
+            return web.json_response({"status": "ready"})
+        why = "draining" if gateway.draining else "no route has a healthy backend"
+        return web.json_response({"status": "not ready", "reason": why}, status=503)
+    return None
 
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(drain)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_route("*", "/{tail:.*}", gateway.proxy)
-    return app
+
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """``Expect: 100-continue`` (curl sends it before large bodies): say
+    continue, as aiohttp's router would. Any other expectation: 417."""
+    if request.headers["Expect"].lower() != "100-continue":
+        return proxy_error_response(ExpectationFailed("only Expect: 100-continue is supported"))
+    if request.version >= HttpVersion11 and request.body_exists:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # not part of the response's own bytes
+    return None
+
+
+class GatewayRunner(web.ServerRunner):
+    """Runs :func:`build_server` around the gateway's life: starts the gateway
+    before listening; on cleanup, once the listener has stopped accepting,
+    drains its requests (``server.drain_timeout_s``) before aiohttp closes
+    the connections, and closes the gateway last. Made inside the loop."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        # Our drain has ended every request before aiohttp's timeout starts.
+        super().__init__(build_server(gateway), shutdown_timeout=5.0)
+        self.gateway = gateway
+        self._started = False
+
+    async def setup(self) -> None:
+        await self.gateway.start()
+        self._started = True
+        try:
+            await super().setup()
+        except BaseException:
+            await self._close_gateway()
+            raise
+
+    async def shutdown(self) -> None:
+        if self._started:
+            await self.gateway.drain_requests(self.gateway.config.server.drain_timeout_s)
+
+    async def cleanup(self) -> None:
+        try:
+            await super().cleanup()
+        finally:
+            await self._close_gateway()
+
+    async def _close_gateway(self) -> None:
+        if self._started:
+            self._started = False
+            await self.gateway.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +140,7 @@ class Listening:
     admin_url: str | None
 
 
-def _bound_url(runner: web.AppRunner) -> str:
+def _bound_url(runner: web.BaseRunner) -> str:
     host, port = runner.addresses[0][:2]
     return f"http://{host}:{port}"
 
@@ -88,13 +157,7 @@ async def serve(
     ``reuse_port``: this process is one of several workers on the same port.
     """
     gateway = Gateway(config)
-    runner = web.AppRunner(
-        build_app(gateway),
-        handler_cancellation=True,  # a client that leaves cancels its upstream request
-        access_log=None,
-        # Our own drain (on_shutdown) has already ended every request by then.
-        shutdown_timeout=5.0,
-    )
+    runner = GatewayRunner(gateway)
     await runner.setup()
     srv = config.server
     await web.TCPSite(runner, srv.host, srv.port, backlog=4096, reuse_port=reuse_port).start()

@@ -57,6 +57,12 @@ class PayloadTooLarge(ProxyError, ValueError):
     code = "request_too_large"
 
 
+class ExpectationFailed(ProxyError):
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
+
+
 class Unauthorized(ProxyError, PermissionError):
     status = 401
     type = "invalid_request_error"

@@ -333,7 +333,7 @@ class Gateway:
             log.warning("drain timeout: ending %d request(s)", fw.active_count)
             await fw.abort_all("the gateway is shutting down")
 
-    async def proxy(self, request: web.Request) -> web.StreamResponse:
+    async def proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         """The main listener's handler for every proxied path. It is its own
         isolation boundary (no middleware chain on the hot path): whatever
         escapes the forwarder becomes an OpenAI-shaped 500, never a traceback."""

@@ -348,7 +348,7 @@ class _Splice:
     )
 
     def __init__(
-        self, request: web.Request, wd: Watchdog, ex: Exchange, gaps: HistogramChild | None
+        self, request: web.BaseRequest, wd: Watchdog, ex: Exchange, gaps: HistogramChild | None
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.request = request
@@ -437,7 +437,7 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _client_gone(request: web.Request) -> bool:
+def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 

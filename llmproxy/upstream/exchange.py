@@ -18,7 +18,7 @@ from llmproxy.pool.pool import Pool
 
 @dataclass(slots=True, eq=False)
 class Exchange:
-    request: web.Request
+    request: web.BaseRequest
     request_id: str
     #: Loop time when the request arrived.
     started: float

@@ -83,7 +83,7 @@ class Forwarder:
 
     # -- request lifecycle -------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         ex = Exchange(
@@ -131,7 +131,7 @@ class Forwarder:
             except Exception:
                 log.exception("request %s: a finish hook failed", ex.request_id)
 
-    def _client_ip(self, request: web.Request) -> str | None:
+    def _client_ip(self, request: web.BaseRequest) -> str | None:
         """The client's address for ``ip`` keys: the peer, or with
         ``server.trust_forwarded_for`` the first address of X-Forwarded-For
         (the client as the trusted load balancer in front saw it)."""

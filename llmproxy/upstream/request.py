@@ -33,14 +33,14 @@ class ParsedRequest:
     api_key: str | None
 
 
-def bearer_token(request: web.Request) -> str | None:
+def bearer_token(request: web.BaseRequest) -> str | None:
     auth = request.headers.get("Authorization")
     if auth and auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
     return None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     if not request.body_exists:
         return b""
     length = request.content_length
@@ -73,7 +73,7 @@ def extract_model(body: bytes, content_type: str) -> str | None:
     return model
 
 
-async def parse_request(request: web.Request, runtime: Runtime, max_body: int) -> ParsedRequest:
+async def parse_request(request: web.BaseRequest, runtime: Runtime, max_body: int) -> ParsedRequest:
     if request.method not in ALLOWED_METHODS:
         raise MethodNotAllowed(
             f"method {request.method} is not supported", headers={"Allow": _ALLOW_HEADER}

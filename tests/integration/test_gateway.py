@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -249,6 +249,69 @@ def test_body_over_limit_is_413(gw: Gateway) -> None:
     assert _error(status, body)["code"] == "request_too_large"
 
 
+async def test_chunked_body_over_limit_is_413(gw: Gateway) -> None:
+    """No Content-Length to check up front: the limit holds while reading."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"model": "sim-model", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 4096
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/chat/completions", data=chunks()) as resp,
+    ):
+        body = await resp.read()
+    assert resp.status == 413
+    assert _error(resp.status, body)["code"] == "request_too_large"
+
+
+async def _raw_exchange(gw: Gateway, head: bytes, body: bytes, *, await_continue: bool) -> bytes:
+    """Send a request head, optionally wait for 100 Continue, then the body;
+    return everything the gateway sent until it closed the connection."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        if await_continue:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered(gw: Gateway) -> None:
+    """curl sends ``Expect: 100-continue`` before a large body and waits for
+    the interim answer: the gateway gives it, then relays the request."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 3}).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    answer = await _raw_exchange(gw, head, body, await_continue=True)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK"
+    doc = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert doc["usage"]["completion_tokens"] == 3
+
+
+async def test_unknown_expectation_is_417(gw: Gateway) -> None:
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n"
+    )
+    answer = await _raw_exchange(gw, head, b"{}", await_continue=False)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 417")
+    err = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+    assert err["code"] == "expectation_failed"
+
+
 def test_sdk_sees_not_found_for_unknown_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="gpt-unknown", messages=MESSAGES)
@@ -257,6 +320,7 @@ def test_sdk_sees_not_found_for_unknown_model(client: openai.OpenAI) -> None:
 
 def test_probes(gw: Gateway) -> None:
     assert get_json(f"{gw.url}/healthz")["status"] == "ok"
+    assert get_json(f"{gw.url}/healthz?from=k8s")["status"] == "ok"
     assert get_json(f"{gw.url}/readyz")["status"] == "ready"
     assert get_json(f"{gw.admin_url}/readyz")["ready"] is True
     text = gw.metrics()

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from llmproxy.app import build_app
+from llmproxy.app import GatewayRunner
 from llmproxy.config import parse_config
 from llmproxy.gateway import Gateway
 from llmproxy.observability.tracing import Tracing
@@ -70,7 +70,7 @@ async def gateway(
     }
     gw = Gateway(parse_config(config, {}))
     gw.tracing = Tracing.for_tests(exporter)  # read by Gateway.start()
-    runner = web.AppRunner(build_app(gw), handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(gw)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
