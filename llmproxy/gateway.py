@@ -12,14 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
 
 from llmproxy.cluster.news import BackendNews, ClusterNews, apply_news
 from llmproxy.config import ConfigError, load_config
 from llmproxy.config.schema import BackendConfig, Config
 from llmproxy.discovery.dns import Resolver
 from llmproxy.discovery.manager import DiscoveryManager
-from llmproxy.errors import ProxyError, proxy_error_response
 from llmproxy.health.supervisor import HealthSupervisor
 from llmproxy.observability.access_log import AccessEntry, AccessLog
 from llmproxy.observability.events import Events
@@ -332,19 +330,6 @@ class Gateway:
         if not await fw.wait_idle(timeout_s):
             log.warning("drain timeout: ending %d request(s)", fw.active_count)
             await fw.abort_all("the gateway is shutting down")
-
-    async def proxy(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The main listener's handler for every proxied path. It is its own
-        isolation boundary (no middleware chain on the hot path): whatever
-        escapes the forwarder becomes an OpenAI-shaped 500, never a traceback."""
-        assert self.forwarder is not None, "Gateway.start() was not awaited"
-        try:
-            return await self.forwarder.handle(request)
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return proxy_error_response(ProxyError("internal error in the gateway"))
 
 
 def _prompt(ex: Exchange) -> str | None:
