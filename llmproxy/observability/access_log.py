@@ -2,15 +2,16 @@
 
 The request path only builds an :class:`AccessEntry` and calls
 :meth:`AccessLog.record`, which appends it to a deque and returns: no
-formatting, no serialisation, no I/O and no lock on the event loop, so a slow
-disk or a blocked stdout pipe can never stall a stream. A writer thread wakes
-every ``flush_interval_s`` (or at :meth:`AccessLog.stop`), turns the waiting
-entries into JSON lines (timestamps formatted there too) and writes them in one
+formatting, no serialisation and no I/O on the event loop, so a slow disk or a
+blocked stdout pipe can never stall a stream. A writer thread wakes every
+``flush_interval_s`` while there is traffic (an idle gateway's writer sleeps
+until the next entry wakes it; stop() wakes it too), turns the waiting entries
+into JSON lines (timestamps formatted there too) and writes them in one
 ``write`` + ``flush`` per batch. Formatting holds the GIL, so the event loop
 waits while a batch is formatted: lines are built by one f-string each (half
 the time of ``json.dumps`` of a dict, byte for byte the same text) and the
-default interval is short, which keeps each wait to a fraction of a
-millisecond.
+default interval is short (5 ms), which keeps each wait well under a tenth of
+a millisecond.
 
 Memory is bounded: at most ``max_pending`` entries wait (queued or being
 written). Past that, :meth:`~AccessLog.record` refuses the entry and counts it
@@ -111,14 +112,18 @@ class AccessEntry:
 
 class AccessLog:
     def __init__(self, config: AccessLogConfig, *, sink: Sink | None = None) -> None:
-        self._second = -1
-        self._second_text = ""
         """``sink`` replaces ``config.path`` (tests, embedding); it is flushed
         but never closed here."""
+        self._second = -1
+        self._second_text = ""
         self._cfg = config
         self._given_sink = sink
         self._queue: deque[AccessEntry] = deque()
+        #: Set by stop(), and by the first entry after the writer found
+        #: nothing to do and went to sleep (``_idle``).
         self._wake = threading.Event()
+        self._idle = False
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._accepting = True
         self._enqueued = 0  # loop thread only
@@ -164,6 +169,9 @@ class AccessLog:
                 entry.prompt = None
         self._enqueued += 1
         self._queue.append(entry)
+        if self._idle:  # the first entry after a quiet spell wakes the writer
+            self._idle = False
+            self._wake.set()
         return True
 
     # -- lifecycle ---------------------------------------------------------------
@@ -194,6 +202,7 @@ class AccessLog:
         thread = self._thread
         if thread is None:
             return
+        self._stopping = True
         self._wake.set()
         thread.join(timeout_s)
         if thread.is_alive():
@@ -208,7 +217,18 @@ class AccessLog:
     def _run(self, writer: _Writer) -> None:
         try:
             while True:
-                stopping = self._wake.wait(self._cfg.flush_interval_s)
+                # Under traffic: a round every flush_interval_s, and the loop
+                # never touches the event. Quiet: sleep until an entry comes.
+                self._wake.wait(None if self._idle else self._cfg.flush_interval_s)
+                # Clear before looking: a stop() or an entry that sets the
+                # event after this line is seen now or wakes the next wait.
+                self._wake.clear()
+                stopping = self._stopping
+                if not self._queue and not stopping:
+                    self._idle = True
+                    if self._queue:  # recorded before it could see _idle
+                        self._idle = False
+                    continue
                 while self._queue:
                     self._write_batch(writer)
                 if stopping:

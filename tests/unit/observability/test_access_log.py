@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -349,6 +350,34 @@ def test_the_writer_writes_without_stop(
     log.record(entry())
     wait_for(lambda: log.written == 1)
     assert len(sink.lines()) == 1
+
+
+def test_no_line_waits_for_a_later_one(
+    started: Callable[..., tuple[AccessLog, ListSink]],
+) -> None:
+    """Stress: after a quiet spell the writer sleeps until an entry wakes it.
+    However a burst falls against the writer's rounds, every line is written
+    without a later record or stop() to push it out (a lost wake-up would
+    leave the last line waiting). A tiny GIL switch interval makes the two
+    threads interleave everywhere."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        log, sink = started(flush_interval_s=0)
+        rng = random.Random(7)
+        n = 0
+        for _ in range(400):
+            for _ in range(rng.choice((1, 2, 3, 5))):
+                log.record(entry(request_id=f"r{n}"))
+                n += 1
+                # Catch the writer at a random point of its round.
+                for _ in range(rng.randrange(3000)):
+                    pass
+            wait_for(lambda count=n: log.written == count)
+    finally:
+        sys.setswitchinterval(before)
+    assert [line["request_id"] for line in sink.lines()] == [f"r{i}" for i in range(n)]
+    assert log.pending == 0
 
 
 def test_stop_is_idempotent_and_later_records_are_dropped(
