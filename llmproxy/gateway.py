@@ -117,6 +117,7 @@ class Gateway:
             tracing=self.tracing,
             on_finish=(self._finished,),
             on_attempt=(self.traffic.on_attempt,),
+            keep_bodies=self.access_log is not None and self.access_log.wants_prompt,
         )
         self._health = HealthSupervisor(
             lambda: self.runtime, self._health_session, self.rng, self.events, self.clock

@@ -68,7 +68,12 @@ class AttemptRunner:
         client: H1Client,
         metrics: Metrics,
         on_attempt: Sequence[AttemptHook] = (),
+        *,
+        keep_bodies: bool = False,
     ) -> None:
+        """``keep_bodies``: the request body stays on the exchange after the
+        commit point (the access log logs prompts)."""
+        self._keep_bodies = keep_bodies
         self._client = client
         self._metrics = metrics
         self._on_attempt = tuple(on_attempt)
@@ -148,10 +153,12 @@ class AttemptRunner:
                 raise
 
             # Commit point: from here on the client sees what happens. No
-            # retry can follow, so the request headers need not live as long
-            # as the stream.
+            # retry can follow, so the request's headers and body need not
+            # live as long as the stream.
             ex.upstream_headers = None
             del headers
+            if not self._keep_bodies:
+                ex.body = None
             wd.last = now = loop.time()
             ex.ttfb_s = ttfb = now - ex.started
             ex.status = status

@@ -62,11 +62,15 @@ class Forwarder:
         tracing: Tracing | None = None,
         on_finish: Sequence[Callable[[Exchange, float], None]] = (),
         on_attempt: Sequence[AttemptHook] = (),
+        keep_bodies: bool = False,
     ) -> None:
         """``on_finish`` hooks get every request's outcome once, at its end (access
         log, rate-limit settlement); ``on_attempt`` hooks every attempt's (canary
         analysis). Neither may block. ``splits`` gives a route's weights now
-        (run-time overrides)."""
+        (run-time overrides). ``keep_bodies``: ``Exchange.body`` lasts until
+        the request ends (an ``on_finish`` hook logs prompts); otherwise it is
+        dropped once the response is committed, so a stream does not hold its
+        prompt."""
         self._on_finish = tuple(on_finish)
         self._metrics = metrics
         self._rng = rng
@@ -77,7 +81,7 @@ class Forwarder:
         self.gate = gate
         self._splits = splits
         self._tracing = tracing if tracing is not None else Tracing.disabled()
-        self._attempt = AttemptRunner(client, metrics, on_attempt)
+        self._attempt = AttemptRunner(client, metrics, on_attempt, keep_bodies=keep_bodies)
         self._active: set[Exchange] = set()
         self._idle: asyncio.Event | None = None
 
@@ -94,8 +98,11 @@ class Forwarder:
         )
         self._active.add(ex)
         try:
-            parsed = await parse_request(request, self._runtime(), self._max_body)
-            return await self._forward(ex, parsed)
+            # No local for the parsed request: _forward lets go of it (and
+            # of the body) before the response streams.
+            return await self._forward(
+                ex, await parse_request(request, self._runtime(), self._max_body)
+            )
         except ProxyError as exc:
             resp = proxy_error_response(exc)
             self._attempt.finish_headers(resp, ex)
@@ -196,6 +203,7 @@ class Forwarder:
         # Held by the exchange only (no local here): dropped at the commit point.
         ex.upstream_headers = self._upstream_headers(ex)
         key = sticky_key(route, request.headers, parsed.api_key, ex.client_ip)
+        del parsed  # the body lives on in ex.body until the commit point
         target = gate.target_pool
         names = [target] if target is not None else self._pool_order(route, key)
         ex.span.set_route(route.name, names[0])

@@ -4,8 +4,14 @@ gateway's life."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
-from collections.abc import AsyncIterator
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,21 +20,26 @@ from aiohttp import web
 from llmproxy.app import GatewayRunner
 from llmproxy.config import parse_config
 from llmproxy.gateway import Gateway
+from tests.support import Sim
+
+
+def _config(backend: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "pools": {"main": {"backends": [{"url": backend}], "health": {"enabled": False}}},
+        "routes": [{"name": "all", "match": {"model": "*"}, "pool": "main"}],
+        "admin": {"enabled": False},
+        **extra,
+    }
 
 
 @pytest.fixture
 async def running() -> AsyncIterator[tuple[Gateway, str]]:
-    config = {
-        "pools": {
-            "main": {
-                # Nothing listens there; these tests never reach a replica.
-                "backends": [{"url": "http://127.0.0.1:9"}],
-                "health": {"enabled": False},
-            }
-        },
-        "routes": [{"name": "all", "match": {"model": "*"}, "pool": "main"}],
-        "admin": {"enabled": False},
-    }
+    # Nothing listens on port 9: these tests never reach a replica.
+    async for pair in _serve(_config("http://127.0.0.1:9")):
+        yield pair
+
+
+async def _serve(config: dict[str, Any]) -> AsyncIterator[tuple[Gateway, str]]:
     gw = Gateway(parse_config(config, {}))
     runner = GatewayRunner(gw)
     await runner.setup()
@@ -79,3 +90,59 @@ async def test_probes_answer_without_a_replica(running: tuple[Gateway, str]) -> 
         async with session.get(f"{url}/healthzzz") as resp:
             assert resp.status >= 400
             assert "error" in await resp.json()
+
+
+@pytest.fixture(scope="module")
+def slow_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    # One token at once, the next a minute later: a stream that stays open.
+    sim = Sim(
+        tmp_path_factory.mktemp("listener"),
+        *("--model", "sim-model", "--ttft-ms", "0", "--tokens-per-s", "0.02"),
+    )
+    yield sim
+    sim.stop()
+
+
+@pytest.mark.parametrize("log_prompts", [False, True], ids=["default", "log_prompts"])
+async def test_an_open_stream_does_not_hold_its_prompt(
+    slow_sim: Sim, tmp_path: Path, log_prompts: bool
+) -> None:
+    """Once the response is committed no retry can follow: the request body
+    (a long prompt, say) is let go, unless the access log logs prompts."""
+    access_log = {"enabled": True, "path": str(tmp_path / "a.log"), "log_prompts": log_prompts}
+    messages = [{"role": "user", "content": "x" * (8 << 20)}]
+    body = json.dumps({"model": "sim-model", "stream": True, "messages": messages}).encode()
+    del messages  # the test holds the body alone, from before the baseline to the end
+    config = _config(slow_sim.url, server={"max_body_bytes": 16 << 20}, access_log=access_log)
+    tracemalloc.start()
+    try:
+        async for gw, url in _serve(config):
+            async with aiohttp.ClientSession() as session:
+                gc.collect()
+                before = tracemalloc.get_traced_memory()[0]
+                async with session.post(
+                    f"{url}/v1/chat/completions",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    assert resp.status == 200
+                    first = await asyncio.wait_for(resp.content.readline(), 10)
+                    assert first.startswith(b"data: ")
+                    # Poll: the commit point is passed once the first event is here.
+                    deadline = time.monotonic() + 5
+                    while True:
+                        gc.collect()
+                        held = tracemalloc.get_traced_memory()[0] - before
+                        if log_prompts or held < (2 << 20) or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert gw.forwarder is not None
+                    (ex,) = gw.forwarder._active
+                    if log_prompts:
+                        assert ex.body is not None
+                        assert held > (8 << 20)
+                    else:
+                        assert ex.body is None
+                        assert held < (2 << 20), f"{held:,} bytes still held by an open stream"
+    finally:
+        tracemalloc.stop()
