@@ -74,7 +74,8 @@ class Timers:
 
     def _fire(self, key: int) -> None:
         for wd in self._slots.pop(key):
-            wd._wake()
+            if wd._slot == key:  # not stopped meanwhile by another's wake-up
+                wd._wake()
 
 
 class Watchdog:
