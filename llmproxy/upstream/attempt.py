@@ -201,7 +201,7 @@ class AttemptRunner:
             gaps = m.child(m.inter_chunk, ex.route, ex.pool) if is_sse else None
             # The relay is awaited from here, not from a coroutine of its own:
             # an open stream holds one frame less.
-            relay = _Splice(request, wd, ex, gaps)
+            relay = _Splice(request, wd, ex, gaps, since=now)
             try:
                 if first:
                     await relay.begin(resp, first)
@@ -355,8 +355,15 @@ class _Splice:
     )
 
     def __init__(
-        self, request: web.BaseRequest, wd: Watchdog, ex: Exchange, gaps: HistogramChild | None
+        self,
+        request: web.BaseRequest,
+        wd: Watchdog,
+        ex: Exchange,
+        gaps: HistogramChild | None,
+        *,
+        since: float,
     ) -> None:
+        """``since``: when the first chunk came (the first gap starts there)."""
         self.loop = asyncio.get_running_loop()
         self.request = request
         self.transport: asyncio.Transport | None = None  # set once the head is sent
@@ -368,7 +375,7 @@ class _Splice:
         self.strip = ex.strip_usage
         self.carry = b""  # with strip: the incomplete SSE event held until it ends
         self.prev = self.last = b""
-        self.then = wd.last or self.loop.time()
+        self.then = since
 
     async def begin(self, resp: web.StreamResponse, first: bytes) -> None:
         """Send the head with the first chunk; the sink takes over from here."""
