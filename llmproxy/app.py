@@ -13,8 +13,9 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -26,31 +27,17 @@ from llmproxy.admin.api import build_admin_app
 from llmproxy.config.schema import Config
 from llmproxy.errors import ExpectationFailed, ProxyError, proxy_error_response
 from llmproxy.gateway import Gateway
+from llmproxy.listener import Listener
 
 log = logging.getLogger(__name__)
 
 
-def build_server(gateway: Gateway) -> web.Server:
-    """The main listener: aiohttp's low-level server with one handler.
+def make_handler(gateway: Gateway) -> Callable[[Any], Awaitable[web.StreamResponse]]:
+    """The main listener's one handler, whichever server runs it.
 
-    No ``Application``: its router, match info and request copy cost about
-    10 µs a request (5% of what a small request costs the gateway), and the
-    listener routes nothing but two probes. No middleware either: the
-    handler is the isolation boundary of the hot path.
+    No router and no middleware: the listener routes nothing but two probes,
+    and the handler is the isolation boundary of the hot path.
     """
-    max_body = gateway.config.server.max_body_bytes
-    loop = asyncio.get_running_loop()  # as web.Server itself needs
-
-    def request_factory(
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, loop, client_max_size=max_body
-        )
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         # The isolation boundary: whatever escapes becomes an OpenAI-shaped
@@ -74,12 +61,37 @@ def build_server(gateway: Gateway) -> web.Server:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return proxy_error_response(ProxyError("internal error in the gateway"))
 
+    return handle
+
+
+def build_server(gateway: Gateway) -> web.Server:
+    """``server.http: aiohttp``: aiohttp's low-level server with our handler.
+
+    No ``Application``: its router, match info and request copy cost about
+    10 µs a request (5% of what a small request costs the gateway).
+    """
+    srv = gateway.config.server
+    max_body = srv.max_body_bytes
+    loop = asyncio.get_running_loop()  # as web.Server itself needs
+
+    def request_factory(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=max_body
+        )
+
     return web.Server(
-        handle,
+        make_handler(gateway),
         request_factory=request_factory,
         handler_cancellation=True,  # a client that leaves cancels its upstream request
         access_log=None,
         max_field_size=65536,
+        keepalive_timeout=srv.keepalive_timeout_s,
     )
 
 
@@ -136,10 +148,63 @@ class GatewayRunner(web.ServerRunner):
         finally:
             await self._close_gateway()
 
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        await web.TCPSite(self, host, port, backlog=BACKLOG, reuse_port=reuse_port).start()
+
     async def _close_gateway(self) -> None:
         if self._started:
             self._started = False
             await self.gateway.close()
+
+
+class HttptoolsRunner:
+    """``server.http: httptools``: runs a :class:`Listener` around the
+    gateway's life, as :class:`GatewayRunner` does aiohttp's server."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.listener: Listener | None = None
+
+    async def setup(self) -> None:
+        await self.gateway.start()
+        self.listener = Listener(
+            make_handler(self.gateway),
+            keepalive_timeout_s=self.gateway.config.server.keepalive_timeout_s,
+        )
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        assert self.listener is not None, "setup() first"
+        try:
+            await self.listener.start(host, port, backlog=BACKLOG, reuse_port=reuse_port)
+        except BaseException:
+            await self.cleanup()
+            raise
+
+    @property
+    def addresses(self) -> list[Any]:
+        return self.listener.addresses if self.listener is not None else []
+
+    async def cleanup(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        try:
+            listener.stop_accepting()
+            await self.gateway.drain_requests(self.gateway.config.server.drain_timeout_s)
+            await listener.close(5.0)
+        finally:
+            await self.gateway.close()
+
+
+#: The listen backlog of the main listener.
+BACKLOG = 4096
+
+
+def make_runner(gateway: Gateway) -> GatewayRunner | HttptoolsRunner:
+    """The runner of the main listener that ``server.http`` names."""
+    if gateway.config.server.http == "aiohttp":
+        return GatewayRunner(gateway)
+    return HttptoolsRunner(gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +215,7 @@ class Listening:
     admin_url: str | None
 
 
-def _bound_url(runner: web.BaseRunner) -> str:
+def _bound_url(runner: web.BaseRunner | HttptoolsRunner) -> str:
     host, port = runner.addresses[0][:2]
     return f"http://{host}:{port}"
 
@@ -167,10 +232,10 @@ async def serve(
     ``reuse_port``: this process is one of several workers on the same port.
     """
     gateway = Gateway(config)
-    runner = GatewayRunner(gateway)
+    runner = make_runner(gateway)
     await runner.setup()
     srv = config.server
-    await web.TCPSite(runner, srv.host, srv.port, backlog=4096, reuse_port=reuse_port).start()
+    await runner.listen(srv.host, srv.port, reuse_port=reuse_port)
     admin_runner: web.AppRunner | None = None
     if config.admin.enabled:
         admin_runner = web.AppRunner(build_admin_app(gateway), access_log=None)

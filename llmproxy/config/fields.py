@@ -71,6 +71,7 @@ BOUNDS: Mapping[str, Bound] = types.MappingProxyType(
         "port": Bound(0, 65535),
         "max_body_bytes": _AT_LEAST_ONE,
         "drain_timeout_s": _NOT_NEGATIVE,
+        "keepalive_timeout_s": _POSITIVE,
         "workers": _AT_LEAST_ONE,
         "weight": _POSITIVE,
         "interval_s": _POSITIVE,

@@ -115,10 +115,17 @@ def _build(data: object, issues: Issues, source: str | None) -> Config | None:
     )
 
 
+#: The main listener's HTTP/1.1 servers (``server.http``).
+HTTP_SERVERS = ("httptools", "aiohttp")
+
+
 def _build_server(value: object, issues: Issues) -> ServerConfig:
     server = build_section(ServerConfig, value, "server", issues, ServerConfig())
     if not server.host.strip():
         issues.add("server.host", "must not be empty")
+    if server.http not in HTTP_SERVERS:
+        known = ", ".join(HTTP_SERVERS)
+        issues.add("server.http", f"unknown HTTP server {server.http!r} (known: {known})")
     return server
 
 

@@ -32,6 +32,11 @@ class ServerConfig:
     #: (rate limits, ``sticky: ip``, ``hash_key: ip``) is worked out. Only true
     #: behind a load balancer that sets it: otherwise any client can name any IP.
     trust_forwarded_for: bool = False
+    #: The main listener's HTTP/1.1 server: ``httptools`` (llhttp, ours) or
+    #: ``aiohttp`` (aiohttp's low-level server).
+    http: str = "httptools"
+    #: How long an idle client connection is kept open for its next request.
+    keepalive_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)

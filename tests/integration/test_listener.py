@@ -5,6 +5,7 @@ gateway's life."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -17,8 +18,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llmproxy.app import GatewayRunner
+from llmproxy.app import make_runner
 from llmproxy.config import parse_config
+from llmproxy.config.loader import HTTP_SERVERS
 from llmproxy.gateway import Gateway
 from tests.support import Sim
 
@@ -32,19 +34,25 @@ def _config(backend: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(params=HTTP_SERVERS)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each test runs on each of the main listener's HTTP servers (``server.http``)."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def running() -> AsyncIterator[tuple[Gateway, str]]:
+async def running(engine: str) -> AsyncIterator[tuple[Gateway, str]]:
     # Nothing listens on port 9: these tests never reach a replica.
-    async for pair in _serve(_config("http://127.0.0.1:9")):
+    async for pair in _serve(_config("http://127.0.0.1:9", server={"http": engine})):
         yield pair
 
 
 async def _serve(config: dict[str, Any]) -> AsyncIterator[tuple[Gateway, str]]:
     gw = Gateway(parse_config(config, {}))
-    runner = GatewayRunner(gw)
+    runner = make_runner(gw)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await runner.listen("127.0.0.1", 0)
         host, port = runner.addresses[0][:2]
         yield gw, f"http://{host}:{port}"
     finally:
@@ -105,7 +113,7 @@ def slow_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
 
 @pytest.mark.parametrize("log_prompts", [False, True], ids=["default", "log_prompts"])
 async def test_an_open_stream_does_not_hold_its_prompt(
-    slow_sim: Sim, tmp_path: Path, log_prompts: bool
+    slow_sim: Sim, tmp_path: Path, log_prompts: bool, engine: str
 ) -> None:
     """Once the response is committed no retry can follow: the request body
     (a long prompt, say) is let go, unless the access log logs prompts."""
@@ -113,7 +121,8 @@ async def test_an_open_stream_does_not_hold_its_prompt(
     messages = [{"role": "user", "content": "x" * (8 << 20)}]
     body = json.dumps({"model": "sim-model", "stream": True, "messages": messages}).encode()
     del messages  # the test holds the body alone, from before the baseline to the end
-    config = _config(slow_sim.url, server={"max_body_bytes": 16 << 20}, access_log=access_log)
+    server = {"max_body_bytes": 16 << 20, "http": engine}
+    config = _config(slow_sim.url, server=server, access_log=access_log)
     tracemalloc.start()
     try:
         async for gw, url in _serve(config):
@@ -146,3 +155,49 @@ async def test_an_open_stream_does_not_hold_its_prompt(
                         assert held < (2 << 20), f"{held:,} bytes still held by an open stream"
     finally:
         tracemalloc.stop()
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(engine: str) -> None:
+    """``server.keepalive_timeout_s``: an idle connection between requests,
+    and one that never completes a request head, are closed."""
+    server = {"http": engine, "keepalive_timeout_s": 0.2}
+    async for _, url in _serve(_config("http://127.0.0.1:9", server=server)):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        # Nothing more: the gateway closes the connection (EOF within the deadline).
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # and no more
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_a_refused_body_still_being_sent_does_not_lose_the_reply(engine: str) -> None:
+    """A 413 for a body over the limit goes out at once, while the client is
+    still sending it: the connection is closed without losing the reply
+    (closing with bytes unread would reset it under the reply)."""
+    server = {"http": engine, "max_body_bytes": 1024}
+    async for _, url in _serve(_config("http://127.0.0.1:9", server=server)):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        size = 4 << 20
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < size:  # the body keeps coming after the reply
+                writer.write(b"x" * 65536)
+                sent += 65536
+                await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        writer.close()

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmproxy.app import GatewayRunner
+from llmproxy.app import make_runner
 from llmproxy.config import parse_config
 from llmproxy.gateway import Gateway as InProcessGateway
 from tests.redis_support import redis_server
@@ -136,7 +136,7 @@ async def test_dns_discovery_joins_and_drains(tmp_path: Path) -> None:
         "admin": {"enabled": False},
     }
     gw = InProcessGateway(parse_config(raw, {}), resolver=resolver)
-    runner = GatewayRunner(gw)
+    runner = make_runner(gw)
     await runner.setup()
     try:
         pool = gw.runtime.pools["main"]

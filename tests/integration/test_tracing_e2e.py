@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 pytest.importorskip("opentelemetry.sdk", reason="needs the otel extra")
 
@@ -24,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from llmproxy.app import GatewayRunner
+from llmproxy.app import make_runner
 from llmproxy.config import parse_config
 from llmproxy.gateway import Gateway
 from llmproxy.observability.tracing import Tracing
@@ -70,10 +69,10 @@ async def gateway(
     }
     gw = Gateway(parse_config(config, {}))
     gw.tracing = Tracing.for_tests(exporter)  # read by Gateway.start()
-    runner = GatewayRunner(gw)
+    runner = make_runner(gw)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await runner.listen("127.0.0.1", 0)
         host, port = runner.addresses[0][:2]
         yield f"http://{host}:{port}"
     finally:

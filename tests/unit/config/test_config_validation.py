@@ -112,8 +112,10 @@ CASES: list[tuple[str, object, str | At]] = [
         "server.zzz",
         1,
         "unknown key (known: host, port, max_body_bytes, drain_timeout_s, workers,"
-        " trust_forwarded_for)",
+        " trust_forwarded_for, http, keepalive_timeout_s)",
     ),
+    ("server.http", "h11", "unknown HTTP server 'h11' (known: httptools, aiohttp)"),
+    ("server.keepalive_timeout_s", 0, "must be greater than 0, got 0"),
     ("server.trust_forwarded_for", "yes", "expected true or false, got string 'yes'"),
     ("server.port", 70000, "must be between 0 and 65535, got 70000"),
     ("admin.port", -1, "must be between 0 and 65535, got -1"),
