@@ -10,11 +10,17 @@ responses are aiohttp's (``web.Response``, ``web.StreamResponse``), written
 through aiohttp's ``StreamWriter``: framing, ``Date``, ``Connection`` and
 HEAD stay aiohttp's, as with the low-level server.
 
-What it does (the listener conformance suite checks it): keep-alive,
-pipelined requests answered in order, Content-Length and chunked request
-bodies with flow control, HTTP/1.0, a bounded head (431), malformed input
-(400 and close), a keep-alive idle timeout, and a client that leaves
-cancels its request's task (so its upstream request).
+An open stream costs 12.2 KB of Python objects here against 17.0 KB on
+aiohttp's server (tracemalloc over 1,000 idle streams).
+
+What it does (``tests/integration/test_listener_conformance.py`` checks it
+on both servers): keep-alive, pipelined requests answered in order,
+Content-Length and chunked request bodies with flow control, HTTP/1.0, a
+bounded head (JSON 431), malformed input (JSON 400, then close, no
+traceback in the log), a keep-alive timeout that also covers a head never
+completed, a lingering close (the client's unread bytes never reset the
+connection under the reply), and a client that leaves cancels its
+request's task, so its upstream request.
 """
 
 from __future__ import annotations

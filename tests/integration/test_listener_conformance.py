@@ -394,6 +394,17 @@ async def test_pipelined_requests_are_answered_complete_and_in_order(servers: Se
         assert_healthz(await conn.exchange(req("GET")))
 
 
+async def test_a_deep_pipeline_is_answered_in_full(servers: Servers) -> None:
+    """More requests in one write than a server parses ahead of the one it
+    handles (it stops reading, then reads on): every one is answered, in order."""
+    n = 40
+    async with connect(servers) as conn:
+        await conn.send(req("GET") * n)
+        for _ in range(n):
+            assert_healthz(await conn.reply())
+        assert_completion(await conn.exchange(chat(FAST, max_tokens=2)), FAST, tokens=2)
+
+
 async def test_connection_close_is_answered_then_closed(servers: Servers) -> None:
     async with connect(servers) as conn:
         reply = await conn.exchange(req("GET", headers=[("Connection", "close")]))
