@@ -77,21 +77,22 @@ class AttemptRunner:
         self._client = client
         self._metrics = metrics
         self._on_attempt = tuple(on_attempt)
-        #: The watchdogs' shared timers, made on the loop of the first request.
-        self._timers: Timers | None = None
+        # Made inside the loop. Held rather than asked for per request: on
+        # Python 3.11 asyncio.get_running_loop() (so current_task() without
+        # a loop) is a getpid() system call, and a request asked four times.
+        self._loop = asyncio.get_running_loop()
+        #: The watchdogs' shared timers.
+        self._timers = Timers(self._loop)
 
     async def run(
         self, ex: Exchange, pool: Pool, backend: Backend, *, permit: bool
     ) -> web.StreamResponse:
         request = ex.request
         timeouts = pool.config.timeouts
-        loop = asyncio.get_running_loop()
-        timers = self._timers
-        if timers is None or timers.loop is not loop:
-            timers = self._timers = Timers(loop)
-        task = asyncio.current_task()
-        assert task is not None, "an attempt runs inside a task"
-        wd = Watchdog(timers, task, timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
+        loop = self._loop
+        task = ex.task
+        assert task is not None, "an attempt runs inside the request's task"
+        wd = Watchdog(self._timers, task, timeouts.first_byte_s, timeouts.idle_s, timeouts.total_s)
         backend.in_flight += 1
         upstream: Response | None = None
         resp: web.StreamResponse | None = None
@@ -201,7 +202,7 @@ class AttemptRunner:
             gaps = m.child(m.inter_chunk, ex.route, ex.pool) if is_sse else None
             # The relay is awaited from here, not from a coroutine of its own:
             # an open stream holds one frame less.
-            relay = _Splice(request, wd, ex, gaps, since=now)
+            relay = _Splice(loop, request, wd, ex, gaps, since=now)
             try:
                 if first:
                     await relay.begin(resp, first)
@@ -356,6 +357,7 @@ class _Splice:
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         request: web.BaseRequest,
         wd: Watchdog,
         ex: Exchange,
@@ -364,7 +366,7 @@ class _Splice:
         since: float,
     ) -> None:
         """``since``: when the first chunk came (the first gap starts there)."""
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.request = request
         self.transport: asyncio.Transport | None = None  # set once the head is sent
         self.chunked = False

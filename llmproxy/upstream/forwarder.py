@@ -77,6 +77,7 @@ class Forwarder:
         #: releases the GIL: each call let the access log's writer thread in
         #: ahead of the request.
         self._ids = random.Random()
+        self._loop = asyncio.get_running_loop()  # made inside it: see AttemptRunner
         self._runtime = runtime
         self._max_body = max_body_bytes
         self._trust_forwarded_for = trust_forwarded_for
@@ -91,10 +92,10 @@ class Forwarder:
     # -- request lifecycle -------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         request_id = request.headers.get("X-Request-Id") or f"{self._ids.getrandbits(128):032x}"
         ex = Exchange(
-            request, request_id, loop.time(), asyncio.current_task(), self._client_ip(request)
+            request, request_id, loop.time(), asyncio.current_task(loop), self._client_ip(request)
         )
         ex.span = self._tracing.start_request(
             request.method, request.path, request.headers, request_id=request_id
