@@ -62,6 +62,8 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     "is logged at ERROR with a full traceback: any client can fill the gateway's log",
     ("aiohttp", "1mb-of-fields"): "no bound on the whole head, only on each field "
     "(64 KB) and their number (128): a head of 1 MB is served",
+    ("aiohttp", "absolute-form"): "the target stays absolute in raw_path, which the "
+    "probes match and the upstream request is sent with: GET http://host/healthz is a 404",
 }
 
 
@@ -403,6 +405,20 @@ async def test_a_deep_pipeline_is_answered_in_full(servers: Servers) -> None:
         for _ in range(n):
             assert_healthz(await conn.reply())
         assert_completion(await conn.exchange(chat(FAST, max_tokens=2)), FAST, tokens=2)
+
+
+async def test_an_absolute_form_target_is_served_as_its_path(
+    servers: Servers, request: pytest.FixtureRequest
+) -> None:
+    """A client configured to use the gateway as its HTTP proxy sends
+    ``POST http://host/v1/...`` (RFC 9112 §3.2.2): routed, probed and
+    forwarded by its path, as the origin-form would be."""
+    known_deviation(request, servers, "absolute-form")
+    body = chat_body(FAST, max_tokens=2)
+    target = "http://gateway.example/v1/chat/completions"
+    async with connect(servers) as conn:
+        assert_completion(await conn.exchange(req("POST", target, body=body)), FAST, tokens=2)
+        assert_healthz(await conn.exchange(req("GET", "http://gateway.example/healthz?x=1")))
 
 
 async def test_connection_close_is_answered_then_closed(servers: Servers) -> None:
