@@ -57,6 +57,14 @@ class PayloadTooLarge(ProxyError, ValueError):
     code = "request_too_large"
 
 
+class RequestTimeout(ProxyError):
+    """The client stopped sending the rest of its request."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ExpectationFailed(ProxyError):
     status = 417
     type = "invalid_request_error"

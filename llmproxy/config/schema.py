@@ -35,7 +35,10 @@ class ServerConfig:
     #: The main listener's HTTP/1.1 server: ``httptools`` (llhttp, ours) or
     #: ``aiohttp`` (aiohttp's low-level server).
     http: str = "httptools"
-    #: How long an idle client connection is kept open for its next request.
+    #: How long an idle client connection is kept open for its next request;
+    #: also how long the client may go quiet within a request head (then the
+    #: connection is closed) or body (then a 408). aiohttp's server applies
+    #: it between requests only.
     keepalive_timeout_s: float = 75.0
 
 

@@ -201,3 +201,51 @@ async def test_a_refused_body_still_being_sent_does_not_lose_the_reply(engine: s
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 413"), head
         writer.close()
+
+
+async def test_a_body_that_stops_coming_gets_a_408(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A client that sends a head and part of its body, then nothing more,
+    does not hold its connection (and a task) for ever: after
+    ``server.keepalive_timeout_s`` without a byte it gets a 408."""
+    if engine == "aiohttp":
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="aiohttp's server waits for a body for ever")
+        )
+    server = {"http": engine, "keepalive_timeout_s": 0.3}
+    async for _, url in _serve(_config("http://127.0.0.1:9", server=server)):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model": '
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        error = json.loads(await reader.readexactly(length))["error"]
+        assert error["code"] == "request_timeout"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and closed
+        writer.close()
+
+
+async def test_a_slow_but_steady_body_is_not_cut(engine: str) -> None:
+    """The 408 is for a client gone quiet, not a slow one: a body sent over
+    twice the timeout, in pieces closer together than it, is taken whole."""
+    server = {"http": engine, "keepalive_timeout_s": 0.4}
+    async for _, url in _serve(_config("http://127.0.0.1:9", server=server)):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": "m", "messages": []}).encode()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), len(body) // 8 + 1):
+            writer.write(body[i : i + len(body) // 8 + 1])
+            await asyncio.sleep(0.1)  # the client's pace, not a wait for the gateway
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        # Read whole and routed: no replica listens on port 9, so a 5xx, not a 408.
+        assert head.startswith(b"HTTP/1.1 5"), head
+        writer.close()
