@@ -251,17 +251,17 @@ class LoopHistogram(Collector):
 class HistogramChild:
     """One labelled series of a :class:`LoopHistogram`."""
 
-    __slots__ = ("_bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
+        self.bounds = bounds
         #: Per bucket, not cumulative; the last one is ``+Inf``.
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, amount: float) -> None:
         # bisect_left: the first bound >= amount, as ``le`` (less or equal) means.
-        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.counts[bisect_left(self.bounds, amount)] += 1
         self.sum += amount
 
 

@@ -230,14 +230,6 @@ class Response:
 
     # -- fed by the connection -------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER:
-            self._conn.pause()
-        if self._sink is None:  # else delivered once the whole read is parsed
-            self._wake()
-
     def _deliver(self) -> None:
         """Splicing: pass what is buffered to the sink."""
         sink = self._sink
@@ -254,7 +246,8 @@ class Response:
             self._wake()
             return
         if more:
-            self._conn.resume()  # if a read above HIGH_WATER paused it
+            if self._conn._paused:  # a read above HIGH_WATER paused it
+                self._conn.resume()
         elif not self._blocked:
             self._blocked = True
             self._conn.pause()
@@ -455,8 +448,17 @@ class _Connection(asyncio.Protocol):
             response._finish(None)
 
     def on_body(self, body: bytes) -> None:
-        if self._response is not None and not self._head_only:
-            self._response._feed(body)
+        # The response's buffer is filled here rather than by a method of its
+        # own: this runs for every relayed chunk, and a call is a good part
+        # of what a chunk costs in Python.
+        response = self._response
+        if response is not None and not self._head_only:
+            response._chunks.append(body)
+            response._buffered += len(body)
+            if response._buffered > HIGH_WATER:
+                self.pause()
+            if response._sink is None:  # else delivered once the whole read is parsed
+                response._wake()
 
     def on_message_complete(self) -> None:
         if self._response is not None:

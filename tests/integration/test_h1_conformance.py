@@ -308,6 +308,40 @@ async def test_large_content_length_body_in_many_pieces_under_back_pressure() ->
         assert await fetch(client, srv.origin, "/next") == b"1 /next"
 
 
+async def test_splicing_resumes_a_read_paused_before_it_began() -> None:
+    """Bytes that piled up past HIGH_WATER before the relay began paused the
+    read; the first delivery to a sink with room must resume it."""
+    data = random.Random(6).randbytes(2 * MiB)
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(head("200 OK", f"Content-Length: {len(data)}"))
+        for i in range(0, len(data), 64 * KiB):
+            await peer.send(data[i : i + 64 * KiB])
+        await keep_alive(peer)
+
+    async with Server(handler) as srv, h1() as client:
+        resp = await get(client, srv.origin)
+        deadline = asyncio.get_running_loop().time() + DEADLINE_S
+        while resp._buffered <= HIGH_WATER:  # poll: the socket fills the buffer
+            assert asyncio.get_running_loop().time() < deadline, resp._buffered
+            await asyncio.sleep(0.001)
+        pieces: list[bytes] = []
+
+        def sink(piece: bytes) -> bool:
+            pieces.append(piece)
+            return True
+
+        async def drain() -> None:
+            raise AssertionError("a sink with room is never drained")
+
+        await within(resp.splice(sink, drain))
+        body = b"".join(pieces)
+        assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+        resp.release()
+        assert client.idle_connections(srv.origin) == 1
+
+
 async def test_chunked_body_of_many_chunks() -> None:
     parts = [bytes([65 + i % 26]) * (i % 97 + 1) for i in range(1000)]
 
