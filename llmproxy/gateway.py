@@ -201,8 +201,9 @@ class Gateway:
                     backend=None if ex.backend is NONE else ex.backend,
                     attempts=ex.attempts,
                     status=ex.status,
-                    ttfb_ms=None if ex.ttfb_s is None else round(ex.ttfb_s * 1000, 3),
-                    duration_ms=round((now - ex.started) * 1000, 3),
+                    # Rounded by the writer thread, as it formats the line.
+                    ttfb_ms=None if ex.ttfb_s is None else ex.ttfb_s * 1000,
+                    duration_ms=(now - ex.started) * 1000,
                     bytes_sent=ex.bytes_sent,
                     prompt_tokens=ex.prompt_tokens,
                     completion_tokens=ex.completion_tokens,
