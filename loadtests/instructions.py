@@ -71,10 +71,10 @@ def _stream_body(tokens: int) -> str:
 
 
 class Counted:
-    """The gateway under callgrind, with counting switched off until asked."""
+    """The gateway under callgrind; a window's count is zeroed, then dumped."""
 
-    def __init__(self, procs: Processes, child: Child, host: str, port: int, out: Path) -> None:
-        self.procs, self.child, self.host, self.port, self._out = procs, child, host, port, out
+    def __init__(self, child: Child, host: str, port: int, out: Path) -> None:
+        self.child, self.host, self.port, self._out = child, host, port, out
 
     def _control(self, flag: str) -> None:
         subprocess.run(
@@ -153,7 +153,7 @@ def start_counted(procs: Processes, upstream_url: str, workdir: Path, src: Path)
         env={**os.environ, "PYTHONPATH": str(src)},
     )  # fmt: skip
     m = procs.wait_for_output(child, GATEWAY_READY, START_TIMEOUT_S)
-    return Counted(procs, child, m.group(1), int(m.group(2)), Path(f"{out}.{child.pid}"))
+    return Counted(child, m.group(1), int(m.group(2)), Path(f"{out}.{child.pid}"))
 
 
 def start_upstream(procs: Processes, argv: list[str], cwd: Path) -> str:

@@ -304,12 +304,6 @@ class AccessLog:
             line += f',"prompt":{_jstr(e.prompt[: self._cfg.prompt_max_chars])}'
         return line + "}\n"
 
-    def _clock_text(self, epoch_s: float) -> str:
-        """``2024-05-01T12:00:00.123Z``, as a line's ``time`` shows it."""
-        second = int(epoch_s)
-        millis = min(999, round((epoch_s - second) * 1_000_000) // 1000)
-        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{millis:03d}Z"
-
 
 #: The end of a line's ``time`` and the start of the next field, per millisecond.
 _MILLIS = [f'.{m:03d}Z","request_id":' for m in range(1000)]

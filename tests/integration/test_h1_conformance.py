@@ -273,8 +273,8 @@ async def test_content_length_body() -> None:
         assert client.idle_connections(srv.origin) == 1
 
 
-async def test_large_content_length_body_in_many_pieces_under_back_pressure() -> None:
-    data = random.Random(5).randbytes(5 * MiB)
+def in_pieces(data: bytes) -> Handler:
+    """A handler answering ``data`` with a Content-Length, sent 64 KiB a write."""
 
     async def handler(peer: Peer) -> None:
         await peer.request()
@@ -283,7 +283,13 @@ async def test_large_content_length_body_in_many_pieces_under_back_pressure() ->
             await peer.send(data[i : i + 64 * KiB])
         await keep_alive(peer)
 
-    async with Server(handler) as srv, h1() as client:
+    return handler
+
+
+async def test_large_content_length_body_in_many_pieces_under_back_pressure() -> None:
+    data = random.Random(5).randbytes(5 * MiB)
+
+    async with Server(in_pieces(data)) as srv, h1() as client:
         resp = await get(client, srv.origin)
         assert resp.content_length == len(data)
         pieces = []
@@ -313,14 +319,7 @@ async def test_splicing_resumes_a_read_paused_before_it_began() -> None:
     read; the first delivery to a sink with room must resume it."""
     data = random.Random(6).randbytes(2 * MiB)
 
-    async def handler(peer: Peer) -> None:
-        await peer.request()
-        await peer.send(head("200 OK", f"Content-Length: {len(data)}"))
-        for i in range(0, len(data), 64 * KiB):
-            await peer.send(data[i : i + 64 * KiB])
-        await keep_alive(peer)
-
-    async with Server(handler) as srv, h1() as client:
+    async with Server(in_pieces(data)) as srv, h1() as client:
         resp = await get(client, srv.origin)
         deadline = asyncio.get_running_loop().time() + DEADLINE_S
         while resp._buffered <= HIGH_WATER:  # poll: the socket fills the buffer

@@ -195,10 +195,17 @@ AWKWARD = [
 ]
 
 
+def clock_text(epoch_s: float) -> str:
+    """``2024-05-01T12:00:00.123Z``, as a line's ``time`` shows it."""
+    second = int(epoch_s)
+    millis = min(999, round((epoch_s - second) * 1_000_000) // 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{millis:03d}Z"
+
+
 def reference_line(log: AccessLog, e: AccessEntry, log_prompts: bool) -> str:
     """The line as json.dumps of a dict would give it (the earlier formatter)."""
     record: dict[str, Any] = {
-        "time": log._clock_text(e.time),
+        "time": clock_text(e.time),
         "request_id": e.request_id,
         "method": e.method,
         "path": e.path.partition("?")[0][:2048],
