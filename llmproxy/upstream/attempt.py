@@ -25,7 +25,7 @@ from llmproxy.pool.pool import Pool
 from llmproxy.resilience.retry import RetryableError, parse_retry_after
 from llmproxy.upstream.exchange import Exchange
 from llmproxy.upstream.h1 import H1Client, Response, UpstreamError
-from llmproxy.upstream.headers import client_response_headers
+from llmproxy.upstream.headers import client_response_fields, client_response_headers
 from llmproxy.upstream.usage import find_usage, strip_usage_events
 from llmproxy.upstream.watchdog import Expiry, Timers, Watchdog
 
@@ -169,19 +169,23 @@ class AttemptRunner:
             if upstream.complete and first and upstream.content_length == len(first):
                 # The whole (small, non-streamed) body came in one read: answer
                 # with one write instead of headers, body and end separately.
-                whole = web.Response(
-                    status=status, headers=client_response_headers(upstream.headers), body=first
-                )
-                self.finish_headers(whole, ex)
+                # Sent here, not once the handler returns: the bookkeeping
+                # that follows (metrics, hooks, access log) then runs after
+                # the client has its answer, off its latency.
                 ex.outcome = "ok" if verdict else "upstream_error"
                 ex.bytes_sent = len(first)
-                # Sent here, not by aiohttp once the handler returns: the
-                # bookkeeping that follows (metrics, hooks, access log) then
-                # runs after the client has its answer, off its latency.
-                resp = whole
                 try:
-                    await whole.prepare(request)
-                    await whole.write_eof()
+                    whole = self._reply(request, ex, status, upstream, first)
+                    resp = whole
+                    if whole is None:  # not our listener's request (or HEAD): aiohttp's
+                        resp = whole = web.Response(
+                            status=status,
+                            headers=client_response_headers(upstream.headers),
+                            body=first,
+                        )
+                        self.finish_headers(whole, ex)
+                        await whole.prepare(request)
+                        await whole.write_eof()
                 except ConnectionError as exc:
                     raise _ClientGone from exc
                 m.child(m.ttfb, ex.route, ex.pool, ex.backend).observe(ttfb)
@@ -310,6 +314,24 @@ class AttemptRunner:
             # No terminating chunk and no missing Content-Length bytes: the
             # client can tell the body is incomplete.
             ex.request.transport.close()
+
+    @staticmethod
+    def _reply(
+        request: web.BaseRequest, ex: Exchange, status: int, upstream: Response, body: bytes
+    ) -> web.StreamResponse | None:
+        """The whole answer through the listener's ``Request.reply`` (one
+        write, no aiohttp response); None where that is not on offer."""
+        reply = getattr(request, "reply", None)
+        if reply is None:
+            return None
+        fields = client_response_fields(upstream.headers, ex.response_headers)
+        fields.append(("x-request-id", ex.request_id))
+        if ex.backend is not NONE:
+            fields.append(("x-llmproxy-backend", ex.backend))
+            fields.append(("x-llmproxy-pool", ex.pool))
+        fields.append(("x-llmproxy-attempts", str(ex.attempts)))
+        answered: web.StreamResponse | None = reply(status, fields, body)
+        return answered
 
     @staticmethod
     def finish_headers(resp: web.StreamResponse, ex: Exchange) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 #: Hop-by-hop headers: they describe one connection and are never forwarded.
@@ -76,4 +78,22 @@ def client_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     for name, value in headers.items():
         if name.lower() not in drop:
             out.add(name, value)
+    return out
+
+
+def client_response_fields(
+    headers: MultiMapping[str], replaced: Mapping[str, str] | None
+) -> list[tuple[str, str]]:
+    """:func:`client_response_headers` as a list of fields, with ``replaced``
+    (the gateway's own, e.g. ``x-ratelimit-*``) in place of any the upstream
+    sent under those names: for a head written at once, with no map between."""
+    drop = _RESPONSE_DROP
+    extra = _connection_tokens(headers)
+    if extra:
+        drop = drop | extra
+    if replaced:
+        drop = drop | {name.lower() for name in replaced}
+    out = [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    if replaced:
+        out += replaced.items()
     return out

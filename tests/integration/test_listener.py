@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from llmproxy import listener
 from llmproxy.app import make_runner
 from llmproxy.config import parse_config
 from llmproxy.config.loader import HTTP_SERVERS
@@ -249,3 +250,130 @@ async def test_a_slow_but_steady_body_is_not_cut(engine: str) -> None:
         # Read whole and routed: no replica listens on port 9, so a 5xx, not a 408.
         assert head.startswith(b"HTTP/1.1 5"), head
         writer.close()
+
+
+# --- a whole body answered in one write ----------------------------------------
+
+#: Upstream answers (head fields, body), each relayed whole (it comes in one read).
+_CANNED: dict[str, tuple[list[tuple[str, str]], bytes]] = {
+    "full": (
+        [
+            ("Date", "Sun, 06 Dec 2026 09:00:00 GMT"),
+            ("Server", "replica/1"),
+            ("Content-Type", "application/json"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("X-Note", "café"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "dropped: named by Connection"),
+            ("X-Request-Id", "the replica's own"),
+        ],
+        b'{"ok": true}',
+    ),
+    "bare": ([], b"plain bytes"),
+    "error": ([("Content-Type", "application/json")], b'{"error": {"message": "no"}}'),
+}
+
+
+async def _canned_upstream() -> tuple[asyncio.Server, str]:
+    """Answers ``POST /<case>`` with that case's canned reply (keep-alive)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                case = head.split(b" ")[1].decode().strip("/")
+                fields, body = _CANNED[case]
+                status = b"422 Unprocessable Entity" if case == "error" else b"200 OK"
+                lines = b"".join(f"{n}: {v}\r\n".encode() for n, v in fields)
+                writer.write(
+                    b"HTTP/1.1 %b\r\n%bContent-Length: %d\r\n\r\n%b"
+                    % (status, lines, len(body), body)
+                )
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    return server, f"http://{host}:{port}"
+
+
+def _head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """Status line and fields, lower-case names, sorted; the gateway's own
+    Date and request id (they differ between any two replies) as '*'."""
+    lines = raw.decode("utf-8").split("\r\n")
+    fields = []
+    for line in lines[1:]:
+        name, _, value = line.partition(": ")
+        name = name.lower()
+        if name == "x-request-id" or (name == "date" and "2026 09:00:00" not in value):
+            value = "*"
+        fields.append((name, value))
+    return lines[0], sorted(fields)
+
+
+async def _exchange(url: str, request: bytes) -> tuple[bytes, bytes, bool]:
+    """One raw request: (head, body, whether the gateway then closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 0.5) == b""
+        except TimeoutError:
+            closed = False
+        return head[:-4], body, closed
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("case", sorted(_CANNED))
+@pytest.mark.parametrize(
+    ("version", "connection"),
+    [("1.1", ""), ("1.1", "close"), ("1.0", ""), ("1.0", "keep-alive")],
+)
+async def test_a_whole_body_reply_is_what_aiohttp_writes(
+    case: str, version: str, connection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener answers a body that came whole in one write of its own
+    (``Request.reply``), not through an aiohttp response: the head, body and
+    keep-alive are those aiohttp's server writes for the same answer."""
+    answered = []
+    reply = listener.Request.reply
+
+    def spy(self: listener.Request, *args: Any) -> web.StreamResponse | None:
+        answered.append(reply(self, *args))
+        return answered[-1]
+
+    monkeypatch.setattr(listener.Request, "reply", spy)
+    upstream, backend = await _canned_upstream()
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    request = (
+        f"POST /{case} HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + (f"Connection: {connection}\r\n" if connection else "")
+        + f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    replies = {}
+    try:
+        for engine in HTTP_SERVERS:
+            async for _, url in _serve(_config(backend, server={"http": engine})):
+                head, got, closed = await _exchange(url, request)
+                replies[engine] = (_head(head), got, closed)
+    finally:
+        upstream.close()
+        await upstream.wait_closed()
+    assert answered == [listener.ANSWERED]  # the httptools engine's, in one write
+    ours, theirs = replies["httptools"], replies["aiohttp"]
+    assert ours == theirs
+    (status, fields), got, closed = ours
+    assert status == f"HTTP/{version} {'422 Unprocessable Entity' if case == 'error' else '200 OK'}"
+    assert got == _CANNED[case][1]
+    assert closed == (connection == "close" or (version == "1.0" and connection != "keep-alive"))
+    names = [n for n, _ in fields]
+    assert "x-hop" not in names
+    assert names.count("x-request-id") == 1
+    assert {"date", "server", "content-type", "content-length"} <= set(names)
