@@ -140,6 +140,8 @@ class OutlierDetector:
         if st.samples == min_samples:  # joins the judged set: once per backend
             self._refresh_median()
             return
+        if self._median is None:
+            return  # fewer than two judged: no median to refresh until one joins
         if st.samples > min_samples and abs(st.ewma - st.baseline) > _MEDIAN_DRIFT * st.baseline:
             self._median_stale = True
         if self._median_stale and self._since_median >= len(self._states):
