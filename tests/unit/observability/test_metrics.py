@@ -3,9 +3,14 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from llmproxy.observability.metrics import GAP_BUCKETS, LATENCY_BUCKETS, LoopHistogram
+from llmproxy.observability.metrics import (
+    GAP_BUCKETS,
+    LATENCY_BUCKETS,
+    LoopCounter,
+    LoopHistogram,
+)
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
@@ -57,3 +62,31 @@ def test_loop_histogram_name_clashes_are_refused_at_registration() -> None:
     Histogram("gap_seconds", "Gaps.", buckets=(1.0,), registry=registry)
     with pytest.raises(ValueError, match="Duplicated"):
         LoopHistogram("gap_seconds", "Gaps.", (), buckets=(1.0,), registry=registry)
+
+
+def test_loop_counter_exposes_what_prometheus_counter_does() -> None:
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Counter("requests", "Requests.", ("route", "code"), registry=theirs)
+    counter = LoopCounter("requests", "Requests.", ("route", "code"), registry=ours)
+    rng = random.Random(7)
+    for i in range(500):
+        labels = ("chat", "200") if i % 3 else ("text", "503")
+        amount = rng.choice([1, 1, 0, 7, 2.5])
+        reference.labels(*labels).inc(amount)
+        counter.labels(*labels).inc(amount)
+
+    def masked(registry: CollectorRegistry) -> list[str]:
+        # Both expose a creation time (``_created``); only its value differs.
+        lines = generate_latest(registry).decode().splitlines()
+        return [line.rsplit(" ", 1)[0] if "_created{" in line else line for line in lines]
+
+    assert masked(ours) == masked(theirs)
+    assert 'requests_total{code="503",route="text"}' in generate_latest(ours).decode()
+
+
+def test_loop_counter_only_goes_up() -> None:
+    counter = LoopCounter("requests", "Requests.", ("route",), registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="only goes up"):
+        counter.labels("chat").inc(-1)
+    with pytest.raises(ValueError, match="expected labels"):
+        counter.labels("chat", "200")
