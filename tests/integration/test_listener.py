@@ -180,6 +180,33 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(engine: 
         writer.close()
 
 
+async def test_the_keepalive_timeout_counts_from_the_last_answer(engine: str) -> None:
+    """A connection that keeps sending requests, for longer than the
+    keep-alive timeout in all, is never closed under them; once it goes
+    quiet it is closed the timeout after its last answer, not earlier."""
+    timeout = 0.4
+    server = {"http": engine, "keepalive_timeout_s": timeout}
+    async for _, url in _serve(_config("http://127.0.0.1:9", server=server)):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            answered = loop.time()
+            if answered - started > 2.5 * timeout:
+                break
+            await asyncio.sleep(timeout / 3)  # the client's pace, not a wait for the gateway
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        quiet = loop.time() - answered
+        assert timeout - 0.01 <= quiet < timeout + 1.0, quiet
+        writer.close()
+
+
 async def test_a_refused_body_still_being_sent_does_not_lose_the_reply(engine: str) -> None:
     """A 413 for a body over the limit goes out at once, while the client is
     still sending it: the connection is closed without losing the reply
