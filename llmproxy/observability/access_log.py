@@ -266,12 +266,13 @@ class AccessLog:
         field is tested inline and written by the json module's C escaper or
         ``int.__repr__``; anything else goes through :func:`_jstr`/:func:`_jnum`.
         """
-        esc, text, num, whole = _escape, _jstr, _jnum, int.__repr__
+        esc, text, num, whole, real = _escape, _jstr, _jnum, int.__repr__, float.__repr__
         rid, method, path = e.request_id, e.method, e.path
         route, pool, backend = e.route, e.pool, e.backend
         attempts, status, ttfb, duration = e.attempts, e.status, e.ttfb_ms, e.duration_ms
         sent, p_tok, c_tok = e.bytes_sent, e.prompt_tokens, e.completion_tokens
         ip, key, error, trace = e.client_ip, e.api_key_name, e.error, e.trace_id
+        stream, outcome = e.stream, e.outcome
         second = int(e.time)
         if second != self._second:
             self._second = second
@@ -279,6 +280,17 @@ class AccessLog:
         millis = round((e.time - second) * 1_000_000) // 1000
         if type(path) is str:
             path = path.partition("?")[0][:_PATH_MAX]
+        # Finite floats (x - x == 0.0) by repr; json writes NaN and Infinity.
+        if type(duration) is float and duration - duration == 0.0:
+            duration_text = real(round(duration, 3))
+        else:
+            duration_text = num(round(duration, 3))
+        if ttfb is None:
+            ttfb_text = "null"
+        elif type(ttfb) is float and ttfb - ttfb == 0.0:
+            ttfb_text = real(round(ttfb, 3))
+        else:
+            ttfb_text = num(round(ttfb, 3))
         line = (
             f"{self._second_text}{_MILLIS[min(millis, 999)]}"
             f"{esc(rid) if type(rid) is str else text(rid)}"
@@ -289,16 +301,16 @@ class AccessLog:
             f',"backend":{esc(backend) if type(backend) is str else text(backend)}'
             f',"attempts":{whole(attempts) if type(attempts) is int else num(attempts)}'
             f',"status":{whole(status) if type(status) is int else num(status)}'
-            f',"ttfb_ms":{"null" if ttfb is None else num(round(ttfb, 3))}'
-            f',"duration_ms":{num(round(duration, 3))}'
+            f',"ttfb_ms":{ttfb_text},"duration_ms":{duration_text}'
             f',"bytes_sent":{whole(sent) if type(sent) is int else num(sent)}'
             f',"prompt_tokens":{whole(p_tok) if type(p_tok) is int else num(p_tok)}'
             f',"completion_tokens":{whole(c_tok) if type(c_tok) is int else num(c_tok)}'
             f',"client_ip":{esc(ip) if type(ip) is str else text(ip)}'
             f',"api_key_name":{esc(key) if type(key) is str else text(key)}'
-            f',"stream":{num(e.stream)},"outcome":{text(e.outcome)}'
+            f',"stream":{"true" if stream is True else "false" if stream is False else num(stream)}'
+            f',"outcome":{esc(outcome) if type(outcome) is str else text(outcome)}'
             f',"error":{"null" if error is None else text(error[:_ERROR_MAX])}'
-            f',"trace_id":{text(trace)}'
+            f',"trace_id":{"null" if trace is None else text(trace)}'
         )
         if self._cfg.log_prompts and e.prompt is not None:
             line += f',"prompt":{_jstr(e.prompt[: self._cfg.prompt_max_chars])}'
