@@ -63,6 +63,7 @@ class Gateway:
         self.traffic = Traffic(config, self.metrics, clock)
         self.tracing = Tracing.from_config(config.tracing)
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self._log_prompts = self.access_log is not None and self.access_log.wants_prompt
         self.discovery = DiscoveryManager(self._discovered, self.rng, clock, resolver)
         #: Set on shutdown: /readyz turns 503 so load balancers stop sending.
         self.draining = False
@@ -191,29 +192,31 @@ class Gateway:
         if self.access_log is not None:
             request = ex.request
             self.access_log.record(
+                # By position, in the order of AccessEntry's fields: a third
+                # of the cost of keywords, once per request.
                 AccessEntry(
-                    time=time.time() - (now - ex.started),
-                    request_id=ex.request_id,
-                    method=request.method,
-                    path=request.raw_path,  # as sent: no decoding per request
-                    route=None if ex.route is NONE else ex.route,
-                    pool=None if ex.pool is NONE else ex.pool,
-                    backend=None if ex.backend is NONE else ex.backend,
-                    attempts=ex.attempts,
-                    status=ex.status,
-                    # Rounded by the writer thread, as it formats the line.
-                    ttfb_ms=None if ex.ttfb_s is None else ex.ttfb_s * 1000,
-                    duration_ms=(now - ex.started) * 1000,
-                    bytes_sent=ex.bytes_sent,
-                    prompt_tokens=ex.prompt_tokens,
-                    completion_tokens=ex.completion_tokens,
-                    client_ip=ex.client_ip,
-                    api_key_name=ex.api_key_name,
-                    stream=ex.stream,
-                    outcome=ex.outcome,
-                    error=ex.error,
-                    prompt=_prompt(ex) if self.access_log.wants_prompt else None,
-                    trace_id=ex.span.trace_id,
+                    time.time() - (now - ex.started),
+                    ex.request_id,
+                    request.method,
+                    request.raw_path,  # path: as sent, no decoding per request
+                    None if ex.route is NONE else ex.route,
+                    None if ex.pool is NONE else ex.pool,
+                    None if ex.backend is NONE else ex.backend,
+                    ex.attempts,
+                    ex.status,
+                    # ttfb_ms, duration_ms: rounded by the writer thread.
+                    None if ex.ttfb_s is None else ex.ttfb_s * 1000,
+                    (now - ex.started) * 1000,
+                    ex.bytes_sent,
+                    ex.prompt_tokens,
+                    ex.completion_tokens,
+                    ex.client_ip,
+                    ex.api_key_name,
+                    ex.stream,
+                    ex.outcome,
+                    ex.error,
+                    _prompt(ex) if self._log_prompts else None,
+                    ex.span.trace_id,
                 )
             )
 
