@@ -211,7 +211,7 @@ class Forwarder:
         target = gate.target_pool
         names = [target] if target is not None else self._pool_order(route, key)
         ex.span.set_route(route.name, names[0])
-        plan = Plan([runtime.pools[n] for n in names], PickContext(hash_key=key), self._metrics)
+        plan = Plan([runtime.pools[n] for n in names], PickContext(key), self._metrics)
         primary = plan.primary
         primary.budget.record_request()
         try:
