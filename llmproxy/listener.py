@@ -68,6 +68,8 @@ ANSWERED: web.StreamResponse = web.StreamResponse()
 #: only when the given ones lack them.
 _OWN_FIELDS = frozenset({"content-length", "connection", "transfer-encoding"})
 _DEFAULT_FIELDS = frozenset({"date", "server", "content-type"})
+#: (HTTP version, status) -> the status line :meth:`Request.reply` writes.
+_STATUS_LINES: dict[tuple[HttpVersion, int], str] = {}
 
 
 class HeadTooLarge(Exception):
@@ -214,7 +216,12 @@ class Request:
             or proto._server.closing
         )
         version = self.version
-        lines = [f"HTTP/{version[0]}.{version[1]} {status} {REASON_PHRASES.get(status, '')}\r\n"]
+        first = _STATUS_LINES.get((version, status))
+        if first is None:  # bounded: statuses are three digits, versions two
+            first = _STATUS_LINES[version, status] = (
+                f"HTTP/{version[0]}.{version[1]} {status} {REASON_PHRASES.get(status, '')}\r\n"
+            )
+        lines = [first]
         missing = _DEFAULT_FIELDS
         for name, value in fields:
             lower = name.lower()

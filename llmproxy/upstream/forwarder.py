@@ -95,11 +95,16 @@ class Forwarder:
         loop = self._loop
         request_id = request.headers.get("X-Request-Id") or f"{self._ids.getrandbits(128):032x}"
         ex = Exchange(
-            request, request_id, loop.time(), asyncio.current_task(loop), self._client_ip(request)
+            request,
+            request_id,
+            loop.time(),
+            asyncio.current_task(loop),
+            self._client_ip(request) if self._trust_forwarded_for else request.remote,
         )
-        ex.span = self._tracing.start_request(
-            request.method, request.path, request.headers, request_id=request_id
-        )
+        if self._tracing.enabled:  # else the exchange keeps its no-op span
+            ex.span = self._tracing.start_request(
+                request.method, request.path, request.headers, request_id=request_id
+            )
         self._active.add(ex)
         try:
             # No local for the parsed request: _forward lets go of it (and
