@@ -452,9 +452,10 @@ class _Splice:
         assert transport is not None, "sink() before the head was sent"
         if transport.is_closing():
             return False  # splice() then drains, which raises
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        size = len(data)
+        transport.write(b"%x\r\n%b\r\n" % (size, data) if self.chunked else data)
         ex = self.ex
-        ex.bytes_sent += len(data)
+        ex.bytes_sent += size
         ex.chunks += 1
         self.prev, self.last = self.last, data
         return transport.get_write_buffer_size() <= self.high

@@ -241,17 +241,25 @@ class Response:
         self._buffered = 0
         try:
             more = sink(data)
-        except Exception as exc:  # the caller's bug: raised from splice(), not here
-            self._sink_error = exc
-            self._wake()
+        except Exception as exc:
+            self._sink_failed(exc)
             return
-        if more:
-            if self._conn._paused:  # a read above HIGH_WATER paused it
-                self._conn.resume()
-        elif not self._blocked:
+        if not more:
+            self._sink_full()
+        elif self._conn._paused:  # a read above HIGH_WATER paused it
+            self._conn.resume()
+
+    def _sink_full(self) -> None:
+        """The sink has no room: stop reading until splice() has drained it."""
+        if not self._blocked:
             self._blocked = True
             self._conn.pause()
             self._wake()
+
+    def _sink_failed(self, exc: Exception) -> None:
+        # The caller's bug: raised from splice(), not in data_received.
+        self._sink_error = exc
+        self._wake()
 
     def _finish(self, error: UpstreamError | None) -> None:
         if self._done or self._error is not None:
@@ -382,7 +390,21 @@ class _Connection(asyncio.Protocol):
         else:
             response = self._response
             if response is not None and response._chunks and response._sink is not None:
-                response._deliver()
+                # Response._deliver, inlined for the relay's common case (one
+                # chunk, reading not paused): once per relayed read, the call
+                # was 3 % of what relaying an SSE event costs.
+                chunks = response._chunks
+                if len(chunks) == 1 and response._sink_error is None and not self._paused:
+                    data = chunks[0]
+                    chunks.clear()
+                    response._buffered = 0
+                    try:
+                        if not response._sink(data):
+                            response._sink_full()
+                    except Exception as exc:
+                        response._sink_failed(exc)
+                else:
+                    response._deliver()
             elif response is None and self._received > MAX_HEADER_BYTES:
                 # httptools reports a header only once its line ends: bound the
                 # bytes of a head that is still incomplete here.

@@ -341,6 +341,73 @@ async def test_splicing_resumes_a_read_paused_before_it_began() -> None:
         assert client.idle_connections(srv.origin) == 1
 
 
+def one_chunk_per_read(chunks: int, sent: asyncio.Queue[None]) -> Handler:
+    """A chunked body whose chunks go out one at a time, each only when the
+    test asks for it (``sent``): every chunk arrives in a read of its own, as
+    a replica's SSE events do."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(head("200 OK", CHUNKED))
+        for i in range(chunks):
+            await sent.get()
+            await peer.send(chunk(b"event %d\n\n" % i))
+        await sent.get()
+        await peer.send(LAST_CHUNK)
+        await keep_alive(peer)
+
+    return handler
+
+
+async def test_a_sink_without_room_pauses_reading_until_drained() -> None:
+    """Each chunk that finds the sink full pauses reading the upstream until
+    the relay has drained (a slow client holds the replica back)."""
+    more: asyncio.Queue[None] = asyncio.Queue()
+    async with Server(one_chunk_per_read(3, more)) as srv, h1() as client:
+        resp = await get(client, srv.origin)
+        pieces: list[bytes] = []
+        paused_at_drain: list[bool] = []
+
+        def sink(piece: bytes) -> bool:
+            pieces.append(piece)
+            return False  # no room, every time
+
+        async def drain() -> None:
+            paused_at_drain.append(resp._conn._paused)
+            more.put_nowait(None)  # the next chunk (or the end) once drained
+
+        more.put_nowait(None)
+        await within(resp.splice(sink, drain))
+        assert pieces == [b"event %d\n\n" % i for i in range(3)]
+        assert paused_at_drain == [True, True, True]
+        resp.release()
+        assert client.idle_connections(srv.origin) == 1
+
+
+async def test_a_sink_that_raises_ends_the_splice_with_its_error() -> None:
+    more: asyncio.Queue[None] = asyncio.Queue()
+    async with Server(one_chunk_per_read(3, more)) as srv, h1() as client:
+        resp = await get(client, srv.origin)
+        pieces: list[bytes] = []
+
+        def sink(piece: bytes) -> bool:
+            pieces.append(piece)
+            if len(pieces) == 2:
+                raise RuntimeError("a bug in the sink")
+            more.put_nowait(None)
+            return True
+
+        async def drain() -> None:
+            raise AssertionError("a sink with room is never drained")
+
+        more.put_nowait(None)
+        with pytest.raises(RuntimeError, match="a bug in the sink"):
+            await within(resp.splice(sink, drain))
+        assert pieces == [b"event 0\n\n", b"event 1\n\n"]
+        resp.release()  # not read to its end: the connection is not reused
+        assert client.idle_connections(srv.origin) == 0
+
+
 async def test_chunked_body_of_many_chunks() -> None:
     parts = [bytes([65 + i % 26]) * (i % 97 + 1) for i in range(1000)]
 
