@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -41,6 +41,8 @@ GAP_BUCKETS = (
 
 #: Label value used when no backend or route was involved.
 NONE = "none"
+
+_Child = TypeVar("_Child")
 
 
 class Metrics:
@@ -202,7 +204,35 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class LoopHistogram(Collector):
+class _LoopMetric(Collector, Generic[_Child]):
+    """A labelled metric changed only from the event loop's thread, where
+    the scrape runs too: its children need no lock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        new_child: Callable[[], _Child],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._new_child = new_child
+        self._children: dict[tuple[str, ...], _Child] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Child:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
+        found = self._children.get(values)
+        if found is None:
+            found = self._children[values] = self._new_child()
+        return found
+
+
+class LoopHistogram(_LoopMetric["HistogramChild"]):
     """A labelled histogram observed only from the event loop's thread.
 
     prometheus-client's ``Histogram`` takes one lock for the sum and another
@@ -222,22 +252,10 @@ class LoopHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._doc = documentation
-        self._labelnames = tuple(labelnames)
-        self._bounds = tuple(sorted(float(b) for b in buckets))
+        bounds = self._bounds = tuple(sorted(float(b) for b in buckets))
         go_string = cast(Callable[[float], str], floatToGoString)  # untyped upstream
-        self._les = [go_string(b) for b in self._bounds] + ["+Inf"]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
-        found = self._children.get(values)
-        if found is None:
-            found = self._children[values] = HistogramChild(self._bounds)
-        return found
+        self._les = [go_string(b) for b in bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames, lambda: HistogramChild(bounds), registry)
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
@@ -271,7 +289,7 @@ class HistogramChild:
         self.sum += amount
 
 
-class LoopCounter(Collector):
+class LoopCounter(_LoopMetric["CounterChild"]):
     """A labelled counter incremented only from the event loop's thread.
 
     prometheus-client's ``Counter.inc`` checks the labels, then takes a lock,
@@ -289,19 +307,7 @@ class LoopCounter(Collector):
         *,
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._doc = documentation
-        self._labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> CounterChild:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
-        found = self._children.get(values)
-        if found is None:
-            found = self._children[values] = CounterChild()
-        return found
+        super().__init__(name, documentation, labelnames, CounterChild, registry)
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
