@@ -49,6 +49,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._request_series: dict[
+            tuple[str, str, str, int], tuple[CounterChild, HistogramChild]
+        ] = {}
+        self._token_series: dict[tuple[str, str], tuple[CounterChild, CounterChild]] = {}
         r = self.registry
         self.requests = LoopCounter(
             "llmproxy_requests",
@@ -193,6 +197,33 @@ class Metrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
+        return found
+
+    def request_series(
+        self, route: str, pool: str, backend: str, status: int
+    ) -> tuple[CounterChild, HistogramChild]:
+        """The series every finished request counts in (requests, duration):
+        one cached lookup for both, at the end of every request; bounded as
+        the labels are."""
+        key = (route, pool, backend, status)
+        found = self._request_series.get(key)
+        if found is None:
+            found = self._request_series[key] = (
+                self.requests.labels(route, pool, backend, str(status)),
+                self.duration.labels(route, pool),
+            )
+        return found
+
+    def token_series(self, route: str, pool: str) -> tuple[CounterChild, CounterChild]:
+        """Prompt and completion tokens of a route and pool, made when first
+        counted (a route whose replies report no usage has none)."""
+        key = (route, pool)
+        found = self._token_series.get(key)
+        if found is None:
+            found = self._token_series[key] = (
+                self.tokens.labels(route, pool, "prompt"),
+                self.tokens.labels(route, pool, "completion"),
+            )
         return found
 
     def register_runtime(self, runtime: Callable[[], Runtime]) -> None:

@@ -136,11 +136,13 @@ class Forwarder:
             prompt_tokens=ex.prompt_tokens,
             completion_tokens=ex.completion_tokens,
         )
-        m.child(m.requests, ex.route, ex.pool, ex.backend, str(ex.status)).inc()
-        m.child(m.duration, ex.route, ex.pool).observe(now - ex.started)
+        requests, duration = m.request_series(ex.route, ex.pool, ex.backend, ex.status)
+        requests.inc()
+        duration.observe(now - ex.started)
         if ex.completion_tokens is not None and ex.prompt_tokens is not None:
-            m.child(m.tokens, ex.route, ex.pool, "prompt").inc(ex.prompt_tokens)
-            m.child(m.tokens, ex.route, ex.pool, "completion").inc(ex.completion_tokens)
+            prompt, completion = m.token_series(ex.route, ex.pool)
+            prompt.inc(ex.prompt_tokens)
+            completion.inc(ex.completion_tokens)
         for hook in self._on_finish:
             try:
                 hook(ex, now)
