@@ -158,6 +158,29 @@ async def test_an_open_stream_does_not_hold_its_prompt(
         tracemalloc.stop()
 
 
+async def test_an_open_stream_holds_no_keepalive_timer(slow_sim: Sim) -> None:
+    """A stream may stay open for minutes: once it begins, its connection
+    no longer holds the keep-alive timer (it is armed again when the
+    request ends)."""
+    async for gw, url in _serve(_config(slow_sim.url, server={"http": "httptools"})):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        messages = [{"role": "user", "content": "hi"}]
+        body = json.dumps({"model": "sim-model", "stream": True, "messages": messages}).encode()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+            % (len(body), body)
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert gw.forwarder is not None
+        (ex,) = gw.forwarder._active
+        connection = ex.request._proto  # type: ignore[attr-defined]
+        assert connection._idle is None
+        writer.close()
+
+
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(engine: str) -> None:
     """``server.keepalive_timeout_s``: an idle connection between requests,
     and one that never completes a request head, are closed."""
