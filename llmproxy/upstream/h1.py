@@ -608,15 +608,12 @@ class H1Client:
         if conn is not None:
             try:
                 return await conn.send(data, head_only=head_only)
-            except Disconnected:
+            except BaseException as exc:
                 conn.close()
-                if not conn.received_nothing:
-                    raise
                 # The classic keep-alive race: the upstream closed an idle
                 # connection as we sent on it. Try once on a new one.
-            except BaseException:
-                conn.close()
-                raise
+                if not (isinstance(exc, Disconnected) and conn.received_nothing):
+                    raise
         conn = await self._connect(pool, connect_timeout)
         try:
             return await conn.send(data, head_only=head_only)

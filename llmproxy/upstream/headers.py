@@ -70,23 +70,17 @@ def upstream_request_headers(
 
 
 def client_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP
-    extra = _connection_tokens(headers)
-    if extra:
-        drop = drop | extra
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    return CIMultiDict(client_response_fields(headers, None))
 
 
 def client_response_fields(
     headers: MultiMapping[str], replaced: Mapping[str, str] | None
 ) -> list[tuple[str, str]]:
-    """:func:`client_response_headers` as a list of fields, with ``replaced``
-    (the gateway's own, e.g. ``x-ratelimit-*``) in place of any the upstream
-    sent under those names: for a head written at once, with no map between."""
+    """What of the upstream's response head goes to the client, as a list
+    of fields (hop-by-hop ones and the gateway's own ``x-*`` dropped), with
+    ``replaced`` (the gateway's own, e.g. ``x-ratelimit-*``) in place of any
+    the upstream sent under those names: for a head written at once, with no
+    map between."""
     drop = _RESPONSE_DROP
     extra = _connection_tokens(headers)
     if extra:
