@@ -169,8 +169,7 @@ async def test_an_open_stream_holds_no_keepalive_timer(slow_sim: Sim) -> None:
         body = json.dumps({"model": "sim-model", "stream": True, "messages": messages}).encode()
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-            % (len(body), body)
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200"), head
