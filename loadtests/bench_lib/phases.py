@@ -255,7 +255,24 @@ def measure_streams(
         "--upstream-pids", str(upstream_pid),
     ]  # fmt: skip
     rss_before = rss_bytes(t.pids) if t.pids else 0
-    out = helper(procs, "sse_load", args, st, timeout_s=st.sse_window_s + st.sse_warmup_s + 90)
+    # Direct leaves the proxy's core idle: a sleeper there shows how late that
+    # core lets any process wake (the host's noise), the floor under the gaps
+    # a proxy on it can add.
+    probe = None
+    if not t.pids and st.proxy_cores:
+        probe = procs.start(
+            "wake-probe",
+            [sys.executable, "-m", "bench_lib.wake_probe", "--period-ms", "1"],
+            cores=st.proxy_cores,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        )
+    try:
+        out = helper(procs, "sse_load", args, st, timeout_s=st.sse_window_s + st.sse_warmup_s + 90)
+    finally:
+        if probe is not None:
+            procs.stop(probe)
+    if probe is not None and probe.proc.returncode == 0:
+        out["core_wake"] = json.loads(probe.output())
     out["rss_before_bytes"] = rss_before
     # Every client has gone: whatever the replica still generates, the proxy did not cancel.
     left, waited = wait_upstream_idle(upstream, timeout_s=10)

@@ -147,6 +147,30 @@ METRICS: tuple[Metric, ...] = (
         _added2,
         floor=1,
     ),
+    Metric(
+        "sse_core_wait_p99_ms",
+        "Proxy's core, idle: wait before it runs new work, p99 of time (ms)",
+        "ms",
+        "lower",
+        _two,
+        compared=False,
+    ),
+    Metric(
+        "sse_core_wait_p999_ms",
+        "Proxy's core, idle: wait before it runs new work, p99.9 of time (ms)",
+        "ms",
+        "lower",
+        _two,
+        compared=False,
+    ),
+    Metric(
+        "sse_core_wait_max_ms",
+        "Proxy's core, idle: longest wait (ms)",
+        "ms",
+        "lower",
+        _two,
+        compared=False,
+    ),
     Metric("sse_rss_mib", "Proxy RSS with {sse_streams:,} streams (MiB)", "MiB", "lower", _one),
     Metric(
         "sse_rss_kib_per_stream",
@@ -304,6 +328,10 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
             put(f"sse_gap_{q}_ms", t, [g for r in sse if (g := _gap(q, r)) is not None])
         for q in ("p99", "p999"):
             added(f"sse_gap_added_{q}_ms", t, sse, partial(_gap, q))
+            # The floor under those gaps: how long the proxy's core, idle,
+            # keeps new work waiting (a sleeper there, during the direct run).
+            put(f"sse_core_wait_{q}_ms", t, _probed(sse, f"wait_{q}_ms"))
+        put("sse_core_wait_max_ms", t, _probed(sse, "max_ms"))
         idle = _per_run(raw, "idle", t)
         hold = _per_run(raw, "hold", t)
         if hold:
@@ -350,6 +378,11 @@ def _us_as_ms(key: str, run: Raw) -> float | None:
     return value
 
 
+def _probed(runs: list[Raw], key: str) -> list[float]:
+    """A figure of the proxy's idle core from each SSE run that probed it (direct's)."""
+    return [w[key] for r in runs if key in (w := r.get("core_wake", {}))]
+
+
 def _gap(q: str, run: Raw) -> float | None:
     """Percentile ``q`` ("p99") of an SSE run's inter-event gaps, ms (None: not recorded)."""
     gaps = run.get("gaps") or {}
@@ -386,6 +419,9 @@ _MEASUREMENT_METRICS = {
         "sse_gap_p999_ms",
         "sse_gap_added_p99_ms",
         "sse_gap_added_p999_ms",
+        "sse_core_wait_p99_ms",
+        "sse_core_wait_p999_ms",
+        "sse_core_wait_max_ms",
         "sse_rss_mib",
         "sse_rss_kib_per_stream",
     ),
