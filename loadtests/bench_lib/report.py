@@ -653,6 +653,11 @@ def compare(current: Raw, baseline: Raw, margin: float) -> tuple[str, int]:
     ]
     for kind, key, b, c, better, floor in rows:
         change = (c - b) / abs(b) if b else 0.0
+        if kind == "ratio" and BY_KEY[key.partition(":")[0]].floor:
+            # Two near-zero values: +0.03 ms turns 1.0x into 1.3x. Their
+            # absolute row is judged, against the metric's floor.
+            lines.append(f"| {kind} | {key} | {b:.4g} | {c:.4g} | {change:+.1%} | (absolute row) |")
+            continue
         # Added latency can be near zero or negative: judged by its own floor (0.05 ms...).
         if floor:
             worse_by = c - b if better == "lower" else b - c

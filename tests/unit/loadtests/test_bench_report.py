@@ -1,0 +1,117 @@
+"""The benchmark's arithmetic: the regression check (issue 6, item 6) and
+the idle-core probe's time-weighted wait. Pure functions, no processes."""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import pytest
+from bench_lib.report import compare, ratios, summarize
+from bench_lib.wake_probe import stats, time_weighted
+
+
+def _doc(rps: float, nginx_rps: float, cpu_us: float, added_p50_ms: float) -> dict[str, Any]:
+    """A --json document as bench.py writes it, reduced to what compare() reads."""
+    summary = {
+        "rps": {"llmproxy": rps, "nginx": nginx_rps},
+        "cpu_us_per_req": {"llmproxy": cpu_us, "nginx": 15.0},
+        "added_p50_ms": {"llmproxy": added_p50_ms, "nginx": 0.1},
+    }
+    return {"summary": summary, "ratios": ratios(summary, ["llmproxy", "nginx"])}
+
+
+def _verdicts(table: str) -> dict[str, str]:
+    rows = [line.split("|") for line in table.splitlines()[2:]]
+    return {cells[2].strip(): cells[6].strip() for cells in rows}
+
+
+def test_an_unchanged_run_reports_nothing_worse() -> None:
+    base = _doc(14_000, 60_000, 70.0, 0.17)
+    table, worse = compare(base, base, margin=0.10)
+    assert worse == 0
+    assert set(_verdicts(table).values()) == {"same", "(absolute row)"}
+
+
+def test_a_ratio_worse_by_more_than_the_margin_is_reported() -> None:
+    base = _doc(14_000, 60_000, 70.0, 0.17)
+    now = _doc(11_000, 60_000, 90.0, 0.17)  # -21 % req/s, +29 % CPU per request
+    table, worse = compare(now, base, margin=0.10)
+    v = _verdicts(table)
+    assert v["rps:llmproxy/nginx"] == "**WORSE**"
+    assert v["cpu_us_per_req:llmproxy/nginx"] == "**WORSE**"
+    assert v["rps:llmproxy"] == "**WORSE**"
+    assert v["added_p50_ms:llmproxy"] == "same"
+    assert worse == 4  # two ratios, two absolute medians
+
+
+def test_a_change_within_the_margin_is_not_worse() -> None:
+    base = _doc(14_000, 60_000, 70.0, 0.17)
+    now = _doc(13_000, 60_000, 75.0, 0.17)  # -7 %, +7 %
+    _, worse = compare(now, base, margin=0.10)
+    assert worse == 0
+
+
+def test_added_latency_is_judged_by_its_floor_not_by_a_percentage() -> None:
+    # +0.03 ms is +30 % of a tiny value, but under the 0.05 ms floor: noise.
+    table, worse = compare(_doc(14_000, 60_000, 70.0, 0.13), _doc(14_000, 60_000, 70.0, 0.10), 0.10)
+    assert worse == 0
+    # Nor is its ratio to nginx's (1.0x -> 1.3x) judged on its own.
+    assert _verdicts(table)["added_p50_ms:llmproxy/nginx"] == "(absolute row)"
+    table, worse = compare(_doc(14_000, 60_000, 70.0, 0.25), _doc(14_000, 60_000, 70.0, 0.10), 0.10)
+    assert _verdicts(table)["added_p50_ms:llmproxy"] == "**WORSE**"
+    assert worse == 1
+
+
+def test_better_figures_are_called_better() -> None:
+    base = _doc(14_000, 60_000, 70.0, 0.17)
+    now = _doc(16_000, 60_000, 60.0, 0.17)
+    table, worse = compare(now, base, margin=0.10)
+    assert worse == 0
+    assert _verdicts(table)["rps:llmproxy/nginx"] == "better"
+
+
+def test_nothing_in_common_says_so() -> None:
+    table, worse = compare({"summary": {}, "ratios": {}}, _doc(1, 1, 1, 1), 0.10)
+    assert worse == 0
+    assert "nothing in common" in table
+
+
+def test_the_idle_core_probe_is_summarized_from_the_direct_runs_only() -> None:
+    probe = {"wait_p99_ms": 0.1, "wait_p999_ms": 1.5, "max_ms": 4.0}
+    sse_run = {"events_per_s": 19_800, "events": 198_000, "gaps": {"n": 0}}
+    proxied = {**sse_run, "target_cpu_s": 3.6, "target_rss_bytes": 1, "streams_streaming": 1}
+    raw = {"sse": {"direct": [{**sse_run, "core_wake": probe}], "llmproxy": [proxied]}}
+    s = summarize(raw, ["direct", "llmproxy"])
+    assert s["sse_core_wait_p999_ms"] == {"direct": 1.5}
+    assert s["sse_core_wait_max_ms"] == {"direct": 4.0}
+    assert s["sse_core_wait_p99_ms"] == {"direct": 0.1}
+
+
+# -- the idle-core probe ---------------------------------------------------------
+
+
+def test_one_long_wake_up_delays_every_moment_it_covers() -> None:
+    # 1 s of 1 ms sleeps: one came 5 ms late, the rest on time. Work arriving
+    # during those 5 ms waits 5..0 ms: 0.1 % of the second waits over 4 ms.
+    late = [0.0] * 900 + [0.005]
+    assert time_weighted(late, 1.0, 0.001) == pytest.approx(0.004, abs=1e-6)
+    # 1 % of the time waiting longer than d: not even the 5 ms add up to that.
+    assert time_weighted(late, 1.0, 0.01) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_many_short_wake_ups_add_up() -> None:
+    # Every 1 ms sleep 0.1 ms late: 1,000 x (0.1 ms - d) must be 1 % of 1.1 s.
+    late = [0.0001] * 1000
+    d = time_weighted(late, 1.1, 0.01)
+    assert 1000 * (0.0001 - d) == pytest.approx(0.011, rel=1e-3)
+
+
+def test_probe_stats_give_per_sleep_and_per_moment_figures() -> None:
+    late = array("d", [0.0001] * 999 + [0.006])
+    out = stats(late, 1.2)
+    assert out["n"] == 1000
+    assert out["p50_ms"] == pytest.approx(0.1)
+    assert out["max_ms"] == pytest.approx(6.0)
+    assert out["wait_p999_ms"] > out["wait_p99_ms"]
+    assert stats(array("d"), 1.0) == {"n": 0}
