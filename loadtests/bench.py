@@ -48,7 +48,14 @@ from types import FrameType
 from typing import Any
 
 from bench_lib import report
-from bench_lib.phases import Guard, phase_hold, phase_small_requests, phase_sse, phase_ttft
+from bench_lib.phases import (
+    Guard,
+    phase_hold,
+    phase_small_requests,
+    phase_sse,
+    phase_ttft,
+    phase_workers,
+)
 from bench_lib.procs import BenchError
 from bench_lib.render import git_state, machine_info, render
 from bench_lib.settings import (
@@ -276,6 +283,8 @@ def _measure(ns: argparse.Namespace, workdir: Path, log: Log) -> dict[str, Any]:
                 chosen, st, workdir, raw, log=log, guard=guard,
                 measurement=measurement, streams=streams,
             )  # fmt: skip
+    if "workers" in st.measurements:
+        phase_workers(st, workdir, raw, log=log, guard=guard)
 
     settings = asdict(st)
     settings["proxy_cores"] = sorted(st.proxy_cores) if st.proxy_cores else None

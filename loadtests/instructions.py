@@ -140,7 +140,7 @@ COUNTING_CONFIG = LLMPROXY_CONFIG.replace(
 
 def start_counted(procs: Processes, upstream_url: str, workdir: Path, src: Path) -> Counted:
     config = workdir / "llmproxy.yaml"
-    config.write_text(COUNTING_CONFIG.format(upstream=upstream_url))
+    config.write_text(COUNTING_CONFIG.format(upstream=upstream_url, workers=1))
     out = workdir / "callgrind.out"
     child = procs.start(
         "llmproxy-callgrind",

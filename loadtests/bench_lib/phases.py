@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,10 +43,11 @@ from bench_lib.settings import (
     SSE_TOKENS_PER_S,
     TTFT_BODY,
     UPSTREAM_READY,
+    WORKER_COUNTS,
     Log,
     Settings,
 )
-from bench_lib.targets import Endpoint, Running, TargetKind
+from bench_lib.targets import Endpoint, Llmproxy, Running, TargetKind
 
 
 def helper(
@@ -491,3 +493,55 @@ def fresh_hold(
         out = measure_hold(procs, st, t, upstream, upstream_pid=sim.pid, streams=streams)
         out["proxy"] = t.is_proxy
         return out
+
+
+def phase_workers(
+    st: Settings, workdir: Path, raw: dict[str, Any], *, log: Log, guard: Guard
+) -> None:
+    """Measurement 7: requests/s of the gateway with 1 and with 2 worker processes.
+
+    Nothing is pinned (every process may use every core): the workers are
+    there to use more than one. wrk (two threads) and the canned upstream
+    share the same cores, so on a 2-core machine 2 workers cannot reach
+    twice 1 worker's rate; the ratio is what the issue asks to see.
+    """
+    every = frozenset(range(os.cpu_count() or 1))
+    # The driver is pinned to the load cores, and children inherit that: pin
+    # these to every core explicitly.
+    free = replace(st, load_cores=every, proxy_cores=every)
+    with Processes(workdir) as procs:
+        up_child, upstream = start_upstream(
+            procs, free, kind="canned", tokens_per_s=0, max_tokens=1
+        )
+        log(f"upstream (canned) on {upstream.url}, cores {cores_of(up_child.pid)}")
+        gateways: list[tuple[int, Running]] = []
+        for n in WORKER_COUNTS:
+            where = workdir / f"workers-{n}"
+            where.mkdir(exist_ok=True)
+            t = Llmproxy(Path(st.llmproxy_src), workers=n).start(procs, upstream, where, every)
+            log(f"llmproxy with {n} worker(s) on {t.endpoint.url}, pids {t.pids}")
+            smoke_test(procs, t)
+            gateways.append((n, t))
+        script = wrk.write_script(workdir / "post.lua", SMALL_BODY)
+
+        def run(t: Running, seconds: int) -> dict[str, Any]:
+            out: dict[str, Any] = wrk.run_wrk(
+                procs, t.endpoint.url + PATH, script, connections=st.wrk_connections,
+                duration_s=seconds, cores=every, cpu_pids=t.pids, threads=2,
+            )  # fmt: skip
+            return out
+
+        for _, t in gateways:  # warm-up: every worker's connections and caches
+            run(t, st.wrk_warmup_seconds)
+        for i in range(st.runs):
+            by_workers: dict[str, Any] = {}
+            for n, t in rotated(gateways, i):
+                label = f"workers run {i + 1}/{st.runs}, {n} worker(s)"
+                r = guard.run(procs, label, partial(run, t, st.wrk_seconds))
+                by_workers[str(n)] = r
+                log(
+                    f"{label}: {r['rps']:,.0f} req/s, non-2xx {r['status']:.0f}, "
+                    f"socket errors {r['socket_errors']:.0f}, "
+                    f"gateway CPU {r['target_cpu_share']:.2f} cores"
+                )
+            raw["workers"].setdefault(report.SUBJECT, []).append({"by_workers": by_workers})

@@ -223,6 +223,31 @@ METRICS: tuple[Metric, ...] = (
         "lower",
         _one,
     ),
+    Metric(
+        "workers_rps_1",
+        "Requests/s, 1 worker, nothing pinned (wrk -t2 -c64)",
+        "req/s",
+        "higher",
+        _int,
+    ),
+    Metric("workers_rps_2", "Requests/s, 2 workers, nothing pinned", "req/s", "higher", _int),
+    Metric("workers_scaling", "2 workers ÷ 1 worker, requests/s", "x", "higher", _two),
+    Metric("workers_cpu_us_1", "Gateway CPU per request, 1 worker (µs)", "µs", "lower", _one),
+    Metric(
+        "workers_cpu_us_2",
+        "Gateway CPU per request, 2 workers and their supervisor (µs)",
+        "µs",
+        "lower",
+        _one,
+    ),
+    Metric(
+        "workers_cores_2",
+        "Cores the 2 workers used (of the machine's)",
+        "cores",
+        "higher",
+        _two,
+        compared=False,
+    ),
 )
 BY_KEY = {m.key: m for m in METRICS}
 
@@ -370,12 +395,34 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         put("idle_rss_kib_per_stream", t, [b / 1024 / n for b, n in grown])
         put("idle_rss_peak_mib", t, [r["rss_peak_bytes"] / 2**20 for r in idle])
         put("hold_rss_peak_mib", t, [r["rss_peak_bytes"] / 2**20 for r in hold])
+        # Both worker counts are measured back to back in each run: the ratio
+        # is taken within a run, then the median.
+        by = [r["by_workers"] for r in _per_run(raw, "workers", t)]
+        put("workers_rps_1", t, [b["1"]["rps"] for b in by if "1" in b])
+        put("workers_rps_2", t, [b["2"]["rps"] for b in by if "2" in b])
+        put("workers_scaling", t, [b["2"]["rps"] / b["1"]["rps"] for b in by if _both(b)])
+        for n in ("1", "2"):
+            put(
+                f"workers_cpu_us_{n}",
+                t,
+                [b[n]["target_cpu_us_per_request"] for b in by if _cpu(b, n)],
+            )
+        put("workers_cores_2", t, [b["2"]["target_cpu_share"] for b in by if _cpu(b, "2")])
     return out
 
 
 def _us_as_ms(key: str, run: Raw) -> float | None:
     value: float = run[key] / 1000
     return value
+
+
+def _both(by_workers: Raw) -> bool:
+    return "1" in by_workers and "2" in by_workers and by_workers["1"]["rps"] > 0
+
+
+def _cpu(by_workers: Raw, n: str) -> bool:
+    """Whether the gateway's CPU time was read in this run with ``n`` workers."""
+    return "target_cpu_s" in by_workers.get(n, {})
 
 
 def _probed(runs: list[Raw], key: str) -> list[float]:
@@ -427,6 +474,14 @@ _MEASUREMENT_METRICS = {
     ),
     "idle": ("idle_rss_kib_per_1k", "idle_rss_kib_per_stream", "idle_rss_peak_mib"),
     "hold": ("hold_ready_s", "hold_rss_peak_mib"),
+    "workers": (
+        "workers_rps_1",
+        "workers_rps_2",
+        "workers_scaling",
+        "workers_cpu_us_1",
+        "workers_cpu_us_2",
+        "workers_cores_2",
+    ),
 }
 _MEASUREMENT_OF = {k: m for m, keys in _MEASUREMENT_METRICS.items() for k in keys}
 #: The hold measurement's result, whatever failed.
@@ -458,6 +513,12 @@ def failures(raw: Raw) -> dict[str, dict[str, str]]:
         early = sum(r["closed_in_window"] for r in runs)
         if bad or early:
             out.setdefault(t, {})["sse"] = f"{bad} streams failed, {early} closed early"
+    for t, runs in raw.get("workers", {}).items():
+        counts = [r for run in runs for r in run["by_workers"].values()]
+        non2xx = sum(int(r["status"]) for r in counts)
+        sock = sum(int(r["socket_errors"]) for r in counts)
+        if non2xx or sock:
+            out.setdefault(t, {})["workers"] = f"{non2xx} non-2xx, {sock} socket errors"
     for measurement in ("idle", "hold"):
         for t, runs in raw.get(measurement, {}).items():
             bad = [r for r in runs if r["errors"]]

@@ -37,7 +37,9 @@ HOLD_MAX_TOKENS = 2
 #: (The replica builds every token up front, ~2 µs each: keep streams no longer.)
 SSE_MARGIN_S = 25.0
 UPSTREAM_READY = r"listening on http://([\d.]+):(\d+)"
-MEASUREMENTS = ("latency", "throughput", "ttft", "sse", "idle", "hold")
+MEASUREMENTS = ("latency", "throughput", "ttft", "sse", "idle", "hold", "workers")
+#: Gateway processes compared by the workers measurement (``server.workers``).
+WORKER_COUNTS = (1, 2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ LLMPROXY_CONFIG = """\
 # Written by loadtests/bench.py. Every feature stays at its default (health
 # checks, breaker, retries, outlier detection, the access log on stdout); no
 # rate-limit rules.
-server: {{host: 127.0.0.1, port: 0}}
+server: {{host: 127.0.0.1, port: 0, workers: {workers}}}
 admin: {{host: 127.0.0.1, port: 0}}
 pools:
   main:
@@ -96,8 +96,10 @@ class Llmproxy:
 
     name = "llmproxy"
 
-    def __init__(self, src: Path = REPO) -> None:
+    def __init__(self, src: Path = REPO, workers: int = 1) -> None:
         self.src = src
+        #: ``server.workers``: above 1, a supervisor and that many worker processes.
+        self.workers = workers
 
     def unavailable(self) -> str | None:
         if not (self.src / "llmproxy" / "__main__.py").is_file():
@@ -108,7 +110,7 @@ class Llmproxy:
         self, procs: Processes, upstream: Endpoint, workdir: Path, cores: frozenset[int] | None
     ) -> Running:
         config = workdir / "llmproxy.yaml"
-        config.write_text(LLMPROXY_CONFIG.format(upstream=upstream.url))
+        config.write_text(LLMPROXY_CONFIG.format(upstream=upstream.url, workers=self.workers))
         child = procs.start(
             "llmproxy",
             [sys.executable, "-m", "llmproxy", "serve", "--config", str(config)],
@@ -119,8 +121,12 @@ class Llmproxy:
         m = procs.wait_for_output(
             child, r"llmproxy listening on http://([\d.]+):(\d+)", START_TIMEOUT_S
         )
-        # One gateway process: the one taskset exec'd into (no workers).
-        return Running(self.name, Endpoint(m.group(1), int(m.group(2))), [child.pid])
+        endpoint = Endpoint(m.group(1), int(m.group(2)))
+        if self.workers == 1:
+            # One gateway process: the one taskset exec'd into.
+            return Running(self.name, endpoint, [child.pid])
+        # The supervisor announces once every worker listens; all are the cost.
+        return Running(self.name, endpoint, descendants(child.pid))
 
 
 NGINX_CONFIG = """\

@@ -61,12 +61,13 @@ def run_wrk(
     duration_s: int,
     cores: frozenset[int] | None,
     cpu_pids: list[int],
+    threads: int = 1,
 ) -> dict[str, float]:
-    """One wrk run (1 thread); adds the CPU the target spent meanwhile."""
+    """One wrk run; adds the CPU the target spent meanwhile."""
     argv = procs.pinned(
         [
             wrk_binary(),
-            "-t1",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{duration_s}s",
             "--timeout",

@@ -1,10 +1,11 @@
 """``loadtests/bench.py --quick`` runs end to end and its regression check reports.
 
 Direct, llmproxy and nginx side by side (nginx started by the script on a
-free loopback port), three of the six measurements in their quick sizes
-(about 45 s). No figure is asserted to be fast: what is checked is that every
-target was measured, the report holds the goals and the idle-core probe, and
-``--compare`` names what worsened against a baseline.
+free loopback port), three of the measurements in their quick sizes, and
+the gateway with one and with two workers (about a minute). No figure is
+asserted to be fast: what is checked is that every target was measured,
+the report holds the goals and the idle-core probe, and ``--compare``
+names what worsened against a baseline.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def test_quick_run_measures_all_three_and_compares(tmp_path: Path) -> None:
     r = subprocess.run(
         [
             sys.executable, str(ROOT / "loadtests" / "bench.py"), "--quick",
-            "--only", "latency,throughput,sse", "--json", str(out), "--compare", str(baseline),
+            "--only", "latency,throughput,sse,workers",
+            "--json", str(out), "--compare", str(baseline),
         ],
         capture_output=True,
         text=True,
@@ -54,7 +56,13 @@ def test_quick_run_measures_all_three_and_compares(tmp_path: Path) -> None:
     wait = summary["sse_core_wait_max_ms"]
     assert set(wait) == {"direct"}
     assert wait["direct"] >= 0
+    # One and two workers, each measured: a second worker that never took a
+    # connection would still leave the first's rate, so look at both.
+    assert summary["workers_rps_1"]["llmproxy"] > 0
+    assert summary["workers_rps_2"]["llmproxy"] > 0
+    assert "llmproxy" in summary["workers_scaling"]
     report = r.stdout
+    assert "| 2 workers ÷ 1 worker, requests/s |" in report
     assert "| Requests/s, c=64, small POST (wrk) |" in report
     assert "≥ 0.2x nginx (#6)" in report
     assert "Proxy's core, idle: longest wait (ms)" in report

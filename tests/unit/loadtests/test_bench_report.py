@@ -7,7 +7,7 @@ from array import array
 from typing import Any
 
 import pytest
-from bench_lib.report import compare, ratios, summarize
+from bench_lib.report import compare, failures, invalid_cells, ratios, summarize
 from bench_lib.wake_probe import stats, time_weighted
 
 
@@ -115,3 +115,40 @@ def test_probe_stats_give_per_sleep_and_per_moment_figures() -> None:
     assert out["max_ms"] == pytest.approx(6.0)
     assert out["wait_p999_ms"] > out["wait_p99_ms"]
     assert stats(array("d"), 1.0) == {"n": 0}
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+def _wrk(rps: float, status: int = 0, socket_errors: int = 0) -> dict[str, float]:
+    """A wrk run of 10 s in which the gateway used one core's worth of CPU per 10,000 req/s."""
+    cores = rps / 10_000
+    return {
+        "rps": rps,
+        "status": status,
+        "socket_errors": socket_errors,
+        "target_cpu_s": 10 * cores,
+        "target_cpu_share": cores,
+        "target_cpu_us_per_request": 100.0,
+    }
+
+
+def test_worker_scaling_is_taken_within_each_run_then_the_median() -> None:
+    runs = [
+        {"by_workers": {"1": _wrk(7_000), "2": _wrk(12_600)}},  # 1.8x
+        {"by_workers": {"1": _wrk(9_000), "2": _wrk(13_500)}},  # 1.5x
+        {"by_workers": {"1": _wrk(8_000), "2": _wrk(13_600)}},  # 1.7x
+    ]
+    s = summarize({"workers": {"llmproxy": runs}}, ["direct", "llmproxy"])
+    assert s["workers_rps_1"] == {"llmproxy": 8_000}
+    assert s["workers_rps_2"] == {"llmproxy": 13_500}
+    # Not 13,500 / 8,000 (the medians' quotient): the runs' own ratios.
+    assert s["workers_scaling"]["llmproxy"] == pytest.approx(1.7)
+    assert s["workers_cpu_us_1"] == s["workers_cpu_us_2"] == {"llmproxy": 100.0}
+    assert s["workers_cores_2"]["llmproxy"] == pytest.approx(1.35)
+
+
+def test_failed_requests_with_workers_invalidate_the_measurement() -> None:
+    raw = {"workers": {"llmproxy": [{"by_workers": {"1": _wrk(8_000), "2": _wrk(9_000, 3)}}]}}
+    assert failures(raw) == {"llmproxy": {"workers": "3 non-2xx, 0 socket errors"}}
+    assert ("workers_scaling", "llmproxy") in invalid_cells(raw)
