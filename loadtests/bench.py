@@ -196,8 +196,11 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
     """Medians, ratios and goals from the raw runs (also for a reloaded file)."""
     raw, targets = doc["raw"], doc["targets"]
     doc["summary"] = summary = report.summarize(raw, targets)
-    doc["ratios"] = report.ratios(summary, targets)
-    doc["goals"] = report.goals(summary, report.invalid_cells(raw), report.limited_cells(raw))
+    paired = report.paired_ratios(raw, targets)
+    doc["ratios"] = report.ratios(summary, targets, paired)
+    doc["goals"] = report.goals(
+        summary, report.invalid_cells(raw), report.limited_cells(raw), paired
+    )
     return doc
 
 

@@ -224,8 +224,12 @@ def render(doc: dict[str, Any]) -> str:
             doc["targets"],
             report.invalid_cells(doc["raw"]),
             report.limited_cells(doc["raw"]),
-            st,
+            settings=st,
+            paired=report.paired_ratios(doc["raw"], doc["targets"]),
         ),
+        "",
+        "Ratios of requests/s and of CPU are the median of each run's own ratio "
+        "(the targets run back to back in each run); the others are ratios of the medians.",
         "",
         "Notes:",
         *(f"- {n}" for n in notes(doc)),

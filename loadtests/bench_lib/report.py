@@ -268,11 +268,13 @@ class Goal:
     def met(self, value: float) -> bool:
         return value <= self.limit if self.op == "<=" else value >= self.limit
 
-    def subject_value(self, row: dict[str, float], metric: Metric) -> float | None:
+    def subject_value(
+        self, row: dict[str, float], metric: Metric, paired: Paired | None = None
+    ) -> float | None:
         """What the goal is checked on: llmproxy's value, or its ratio to ``ref``."""
         if self.ref is None:
             return row.get(SUBJECT)
-        return metric.ratio(row.get(SUBJECT), row.get(self.ref))
+        return ratio_of(metric, row, self.ref, paired)
 
 
 #: Issue #2's foundation targets and issue #6's, one gateway process on one core.
@@ -366,11 +368,7 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         put("hold_ready_s", t, [r["ready_s"] for r in hold if r["all_ready"]])
         if t == DIRECT:
             continue
-        put(
-            "sse_cpu_us_per_event",
-            t,
-            [r["target_cpu_s"] / r["events"] * 1e6 for r in sse if r["events"]],
-        )
+        put("sse_cpu_us_per_event", t, [v for r in sse if (v := _cpu_per_event(r)) is not None])
         put("sse_rss_mib", t, [r["target_rss_bytes"] / 2**20 for r in sse])
         # Against the RSS of the freshly started proxy, not the RSS just before
         # the run: memory a run leaves behind (it rarely goes back to the OS)
@@ -587,11 +585,70 @@ def invalid_cells(raw: Raw) -> set[tuple[str, str]]:
     return cells
 
 
+#: ``{metric: {ref: llmproxy ÷ ref}}``, each the median of the runs' own ratios.
+Paired = dict[str, dict[str, float]]
+
+
+def _cpu_per_event(run: Raw) -> float | None:
+    if not run.get("events") or "target_cpu_s" not in run:
+        return None
+    value: float = run["target_cpu_s"] / run["events"] * 1e6
+    return value
+
+
+def _cpu_per_request(run: Raw) -> float | None:
+    value: float | None = run.get("target_cpu_us_per_request") if run.get("target_cpu_s") else None
+    return value
+
+
+def _per_core(run: Raw) -> float | None:
+    cpu = _cpu_per_request(run)
+    return 1e6 / cpu if cpu else None
+
+
+#: Metrics whose ratio is taken run by run: each run measures every target back
+#: to back (rotating who goes first), so whatever the host did to that minute
+#: (these VMs' speed drifts by a fifth within an hour) is in both values and
+#: cancels; a ratio of medians would mix one target's good minute with the
+#: other's bad one. (measurement, the value of one run)
+_PAIRED: dict[str, tuple[str, Callable[[Raw], float | None]]] = {
+    "rps": ("throughput", lambda r: r.get("rps")),
+    "cpu_us_per_req": ("throughput", _cpu_per_request),
+    "rps_per_core": ("throughput", _per_core),
+    "sse_cpu_us_per_event": ("sse", _cpu_per_event),
+}
+
+
+def paired_ratios(raw: Raw, targets: Sequence[str]) -> Paired:
+    """llmproxy ÷ each other target within each run, then the median, for :data:`_PAIRED`."""
+    out: Paired = {}
+    for key, (measurement, value) in _PAIRED.items():
+        m = BY_KEY[key]
+        mine = _per_run(raw, measurement, SUBJECT)
+        for ref in targets:
+            theirs = _per_run(raw, measurement, ref)
+            if ref == SUBJECT or not mine or len(mine) != len(theirs):
+                continue
+            each = [m.ratio(value(a), value(b)) for a, b in zip(mine, theirs, strict=True)]
+            med = _median([q for q in each if q is not None])
+            if med is not None:
+                out.setdefault(key, {})[ref] = med
+    return out
+
+
+def ratio_of(m: Metric, row: dict[str, float], ref: str, paired: Paired | None) -> float | None:
+    """llmproxy ÷ ``ref`` for the table, the goals and --compare: paired where it can be."""
+    q = (paired or {}).get(m.key, {}).get(ref)
+    return q if q is not None else m.ratio(row.get(SUBJECT), row.get(ref))
+
+
 def ratio_key(metric: str, subject: str, ref: str) -> str:
     return f"{metric}:{subject}/{ref}"
 
 
-def ratios(summary: Summary, targets: Sequence[str]) -> dict[str, dict[str, Any]]:
+def ratios(
+    summary: Summary, targets: Sequence[str], paired: Paired | None = None
+) -> dict[str, dict[str, Any]]:
     """The subject (llmproxy) divided by every other target, for every metric both have."""
     out: dict[str, dict[str, Any]] = {}
     for m in METRICS:
@@ -599,7 +656,7 @@ def ratios(summary: Summary, targets: Sequence[str]) -> dict[str, dict[str, Any]
         if SUBJECT not in row or not m.compared:
             continue
         for ref in targets:
-            q = None if ref == SUBJECT else m.ratio(row[SUBJECT], row.get(ref))
+            q = None if ref == SUBJECT else ratio_of(m, row, ref, paired)
             if q is not None:
                 out[ratio_key(m.key, SUBJECT, ref)] = {"value": q, "better": m.better}
     return out
@@ -609,10 +666,11 @@ def goals(
     summary: Summary,
     invalid: AbstractSet[tuple[str, str]],
     limited: AbstractSet[tuple[str, str]] = frozenset(),
+    paired: Paired | None = None,
 ) -> list[dict[str, Any]]:
     out = []
     for g in GOALS:
-        value = g.subject_value(summary.get(g.metric, {}), BY_KEY[g.metric])
+        value = g.subject_value(summary.get(g.metric, {}), BY_KEY[g.metric], paired)
         ok = None if value is None or (g.metric, SUBJECT) in invalid else g.met(value)
         item = {
             "metric": g.metric,
@@ -632,7 +690,9 @@ def markdown_table(
     targets: Sequence[str],
     invalid: AbstractSet[tuple[str, str]] = frozenset(),
     limited: AbstractSet[tuple[str, str]] = frozenset(),
+    *,
     settings: dict[str, Any] | None = None,
+    paired: Paired | None = None,
 ) -> str:
     """Invalid values (from runs with failed requests) carry a ``(!)`` and no verdict;
     values the machine's open-files limit decided carry ``(fd)``.
@@ -658,12 +718,12 @@ def markdown_table(
             for t in targets
         ]
         for r in refs:
-            q = m.ratio(row.get(SUBJECT), row.get(r))
+            q = ratio_of(m, row, r, paired)
             cells.append("—" if q is None else f"{q:.2f}x")
         texts, verdicts = [], []
         for g in GOALS_BY_METRIC.get(m.key, ()):
             texts.append(g.text)
-            value = g.subject_value(row, m)
+            value = g.subject_value(row, m, paired)
             if (m.key, SUBJECT) in invalid:
                 verdicts.append("**INVALID**")
             elif value is None:

@@ -7,7 +7,16 @@ from array import array
 from typing import Any
 
 import pytest
-from bench_lib.report import compare, failures, invalid_cells, ratios, summarize
+from bench_lib.report import (
+    compare,
+    failures,
+    goals,
+    invalid_cells,
+    markdown_table,
+    paired_ratios,
+    ratios,
+    summarize,
+)
 from bench_lib.wake_probe import stats, time_weighted
 
 
@@ -152,3 +161,34 @@ def test_failed_requests_with_workers_invalidate_the_measurement() -> None:
     raw = {"workers": {"llmproxy": [{"by_workers": {"1": _wrk(8_000), "2": _wrk(9_000, 3)}}]}}
     assert failures(raw) == {"llmproxy": {"workers": "3 non-2xx, 0 socket errors"}}
     assert ("workers_scaling", "llmproxy") in invalid_cells(raw)
+
+
+# -- ratios taken run by run ---------------------------------------------------------
+
+
+def _sse_runs(cpu_us: list[float]) -> list[dict[str, float]]:
+    return [{"target_cpu_s": c / 1e6 * 1000, "events": 1000} for c in cpu_us]
+
+
+def test_cpu_ratios_are_the_median_of_each_runs_own_ratio() -> None:
+    # Run 1 was a slow minute for llmproxy's turn; runs 2 and 3 were even.
+    raw = {"sse": {"llmproxy": _sse_runs([20, 10, 12]), "nginx": _sse_runs([10, 11, 12])}}
+    paired = paired_ratios(raw, ["direct", "llmproxy", "nginx"])
+    # Per run: 2.0, 0.91, 1.0. The medians' quotient would be 12 / 11 = 1.09.
+    assert paired["sse_cpu_us_per_event"]["nginx"] == pytest.approx(1.0)
+    summary = {"sse_cpu_us_per_event": {"llmproxy": 12.0, "nginx": 11.0}}
+    on_cpu = [
+        g for g in goals(summary, set(), paired=paired)
+        if g["metric"] == "sse_cpu_us_per_event" and "nginx" in g["goal"]
+    ]  # fmt: skip
+    assert [g["value"] for g in on_cpu] == [pytest.approx(1.0)]
+    table = markdown_table(summary, ["llmproxy", "nginx"], paired=paired)
+    assert "| 1.00x |" in table
+
+
+def test_runs_that_do_not_pair_fall_back_to_the_ratio_of_medians() -> None:
+    raw = {"sse": {"llmproxy": _sse_runs([20, 10, 12]), "nginx": _sse_runs([10, 11])}}
+    assert paired_ratios(raw, ["llmproxy", "nginx"]) == {}
+    summary = {"sse_cpu_us_per_event": {"llmproxy": 12.0, "nginx": 10.5}}
+    r = ratios(summary, ["llmproxy", "nginx"], paired={})
+    assert r["sse_cpu_us_per_event:llmproxy/nginx"]["value"] == pytest.approx(12.0 / 10.5)
