@@ -67,15 +67,20 @@ def helper(
     return out
 
 
+def start_module(
+    procs: Processes, name: str, module: str, args: list[str], cores: frozenset[int] | None
+) -> Child:
+    """Start ``python -m bench_lib.MODULE`` as a long-lived child (see :func:`helper`)."""
+    argv = [sys.executable, "-m", f"bench_lib.{module}", *args]
+    return procs.start(name, argv, cores=cores, env={**os.environ, "PYTHONPATH": str(HERE)})
+
+
 def start_upstream(
     procs: Processes, st: Settings, *, kind: str, tokens_per_s: float, max_tokens: int
 ) -> tuple[Child, Endpoint]:
     if kind == "canned":
-        child = procs.start(
-            "fast-upstream",
-            [sys.executable, "-m", "bench_lib.fast_upstream", "--port", "0"],
-            cores=st.load_cores,
-            env={**os.environ, "PYTHONPATH": str(HERE)},
+        child = start_module(
+            procs, "fast-upstream", "fast_upstream", ["--port", "0"], st.load_cores
         )
     else:
         child = procs.start(
@@ -262,11 +267,8 @@ def measure_streams(
     # a proxy on it can add.
     probe = None
     if not t.pids and st.proxy_cores:
-        probe = procs.start(
-            "wake-probe",
-            [sys.executable, "-m", "bench_lib.wake_probe", "--period-ms", "1"],
-            cores=st.proxy_cores,
-            env={**os.environ, "PYTHONPATH": str(HERE)},
+        probe = start_module(
+            procs, "wake-probe", "wake_probe", ["--period-ms", "1"], st.proxy_cores
         )
     try:
         out = helper(procs, "sse_load", args, st, timeout_s=st.sse_window_s + st.sse_warmup_s + 90)

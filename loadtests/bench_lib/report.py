@@ -341,13 +341,13 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         put(
             "cpu_us_per_req",
             t,
-            [r["target_cpu_us_per_request"] for r in thr if "target_cpu_s" in r],
+            [v for r in thr if (v := _cpu_per_request(r)) is not None],
         )
         put("cpu_core_pct", t, [100 * r["target_cpu_share"] for r in thr if "target_cpu_s" in r])
         put(
             "rps_per_core",
             t,
-            [1e6 / r["target_cpu_us_per_request"] for r in thr if r.get("target_cpu_s")],
+            [v for r in thr if (v := _per_core(r)) is not None],
         )
         sse = _per_run(raw, "sse", t)
         put("sse_events_per_s", t, [r["events_per_s"] for r in sse])
@@ -400,12 +400,9 @@ def summarize(raw: Raw, targets: Sequence[str]) -> Summary:
         put("workers_rps_2", t, [b["2"]["rps"] for b in by if "2" in b])
         put("workers_scaling", t, [b["2"]["rps"] / b["1"]["rps"] for b in by if _both(b)])
         for n in ("1", "2"):
-            put(
-                f"workers_cpu_us_{n}",
-                t,
-                [b[n]["target_cpu_us_per_request"] for b in by if _cpu(b, n)],
-            )
-        put("workers_cores_2", t, [b["2"]["target_cpu_share"] for b in by if _cpu(b, "2")])
+            cpu = [v for b in by if (v := _cpu_per_request(b.get(n, {}))) is not None]
+            put(f"workers_cpu_us_{n}", t, cpu)
+        put("workers_cores_2", t, [c for b in by if (c := b.get("2", {}).get("target_cpu_share"))])
     return out
 
 
@@ -414,13 +411,26 @@ def _us_as_ms(key: str, run: Raw) -> float | None:
     return value
 
 
+def _cpu_per_event(run: Raw) -> float | None:
+    if not run.get("events") or "target_cpu_s" not in run:
+        return None
+    value: float = run["target_cpu_s"] / run["events"] * 1e6
+    return value
+
+
+def _cpu_per_request(run: Raw) -> float | None:
+    """The target's CPU per request in a wrk run (None: not read, as for direct)."""
+    value: float | None = run.get("target_cpu_us_per_request") if "target_cpu_s" in run else None
+    return value
+
+
+def _per_core(run: Raw) -> float | None:
+    cpu = _cpu_per_request(run)
+    return 1e6 / cpu if cpu else None
+
+
 def _both(by_workers: Raw) -> bool:
     return "1" in by_workers and "2" in by_workers and by_workers["1"]["rps"] > 0
-
-
-def _cpu(by_workers: Raw, n: str) -> bool:
-    """Whether the gateway's CPU time was read in this run with ``n`` workers."""
-    return "target_cpu_s" in by_workers.get(n, {})
 
 
 def _probed(runs: list[Raw], key: str) -> list[float]:
@@ -587,23 +597,6 @@ def invalid_cells(raw: Raw) -> set[tuple[str, str]]:
 
 #: ``{metric: {ref: llmproxy ÷ ref}}``, each the median of the runs' own ratios.
 Paired = dict[str, dict[str, float]]
-
-
-def _cpu_per_event(run: Raw) -> float | None:
-    if not run.get("events") or "target_cpu_s" not in run:
-        return None
-    value: float = run["target_cpu_s"] / run["events"] * 1e6
-    return value
-
-
-def _cpu_per_request(run: Raw) -> float | None:
-    value: float | None = run.get("target_cpu_us_per_request") if run.get("target_cpu_s") else None
-    return value
-
-
-def _per_core(run: Raw) -> float | None:
-    cpu = _cpu_per_request(run)
-    return 1e6 / cpu if cpu else None
 
 
 #: Metrics whose ratio is taken run by run: each run measures every target back

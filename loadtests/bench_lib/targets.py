@@ -121,12 +121,9 @@ class Llmproxy:
         m = procs.wait_for_output(
             child, r"llmproxy listening on http://([\d.]+):(\d+)", START_TIMEOUT_S
         )
-        endpoint = Endpoint(m.group(1), int(m.group(2)))
-        if self.workers == 1:
-            # One gateway process: the one taskset exec'd into.
-            return Running(self.name, endpoint, [child.pid])
-        # The supervisor announces once every worker listens; all are the cost.
-        return Running(self.name, endpoint, descendants(child.pid))
+        # The process taskset exec'd into, and with workers its children: the
+        # supervisor announces only once every worker listens.
+        return Running(self.name, Endpoint(m.group(1), int(m.group(2))), descendants(child.pid))
 
 
 NGINX_CONFIG = """\
